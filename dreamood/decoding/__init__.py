@@ -1,0 +1,1 @@
+"""Decoding: turn sampled embeddings into images (diffusion decoders and resumable generation)."""

@@ -1,0 +1,88 @@
+"""Locating pretrained weights on disk (Stable Diffusion, CLIP) with one clear error when they are missing.
+
+dreamood never needs the network: pretrained models load with ``local_files_only=True`` unless the caller
+opts in. A model id (``"CompVis/stable-diffusion-v1-4"``) is looked up in the Hugging Face cache; a path
+must hold the expected sub-folders.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from dreamood.errors import ModelNotFoundError
+
+__all__ = ["resolve_pretrained"]
+
+_FILES_BY_FOLDER = {
+    "tokenizer": ("vocab.json", "merges.txt"),
+    "text_encoder": ("config.json",),
+    "unet": ("config.json",),
+    "vae": ("config.json",),
+    "scheduler": ("scheduler_config.json",),
+}
+
+
+def _how_to_fetch(model: str) -> str:
+    return (
+        "Download it once on a machine with network access, for example with "
+        f"`huggingface-cli download {model} --local-dir <folder>` (or `snapshot_download`), "
+        "then pass that folder; or pass local_files_only=False to let Hugging Face download it now."
+    )
+
+
+def resolve_pretrained(
+    model_id_or_path: str | os.PathLike[str], subfolders: Sequence[str], *, local_files_only: bool = True
+) -> str:
+    """Return a local folder (or, when downloads are allowed, the model id) that holds ``subfolders``.
+
+    Args:
+        model_id_or_path: A folder on disk or a Hugging Face model id.
+        subfolders: The parts that must be present, e.g. ``("tokenizer", "text_encoder")``. An empty
+            sequence means the folder itself is the model (a plain CLIP text model, say).
+        local_files_only: Never touch the network. With ``False`` a model id is returned unchanged for
+            ``from_pretrained`` to download.
+
+    Raises:
+        ModelNotFoundError: The folder does not exist, or lacks a part (the message names what is missing,
+            the expected layout and how to fetch the weights).
+    """
+    name = os.fspath(model_id_or_path)
+    path = Path(name).expanduser()
+    if not path.exists():
+        if not local_files_only and not name.startswith((".", "/", "~")):
+            return name
+        cached = _cached_snapshot(name) if not name.startswith((".", "/", "~")) else None
+        if cached is None:
+            layout = ", ".join(f"{s}/" for s in subfolders) or "config.json and weights"
+            raise ModelNotFoundError(
+                f"pretrained model {name!r} was not found: no such folder and not in the Hugging Face cache. "
+                f"Expected a folder holding {layout}. {_how_to_fetch(name)}"
+            )
+        path = cached
+    missing = []
+    for folder in subfolders:
+        part = path / folder
+        required = _FILES_BY_FOLDER.get(folder, ())
+        if not part.is_dir() or any(not (part / f).is_file() for f in required):
+            missing.append(f"{folder}/ ({', '.join(required) or 'files'})")
+    if not subfolders and not (path / "config.json").is_file():
+        missing.append("config.json")
+    if missing:
+        raise ModelNotFoundError(
+            f"pretrained model folder {str(path)!r} is incomplete: missing {'; '.join(missing)}. "
+            f"A Stable Diffusion v1.x folder holds tokenizer/, text_encoder/, unet/, vae/ and scheduler/. "
+            f"{_how_to_fetch(name)}"
+        )
+    return str(path)
+
+
+def _cached_snapshot(model_id: str) -> Path | None:
+    """The newest snapshot folder of ``model_id`` in the Hugging Face cache, if any (no network)."""
+    cache = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
+    snapshots = cache.expanduser() / f"models--{model_id.replace('/', '--')}" / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    candidates = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    return candidates[0] if candidates else None
