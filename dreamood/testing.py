@@ -59,7 +59,7 @@ def write_tiny_clip_tokenizer(directory: str | os.PathLike[str], words: Sequence
         vocab.setdefault(piece, len(vocab))
     merges: list[str] = []
     for word in dict.fromkeys(w.lower() for w in words):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        pieces = [*word[:-1], word[-1] + "</w>"]
         while len(pieces) > 1:
             merge = f"{pieces[0]} {pieces[1]}"
             if merge not in merges:
@@ -102,8 +102,10 @@ def tiny_clip_text_encoder(
         pad_token_id=vocab_size - 1,
     )
     torch.manual_seed(seed)
-    model = CLIPTextModel(config)
+    model: Any = CLIPTextModel(config)
     # A wider spread than the default init so that swapping one token embedding visibly changes the output.
+    table: torch.nn.Embedding = model.get_input_embeddings()
     with torch.no_grad():
-        model.get_input_embeddings().weight.normal_(0.0, 0.4, generator=torch.Generator().manual_seed(seed))
-    return model.eval()
+        table.weight.normal_(0.0, 0.4, generator=torch.Generator().manual_seed(seed))
+    model.eval()
+    return model
