@@ -1,3 +1,59 @@
-"""dreamood: DREAM-OOD outlier imagination with diffusion models for out-of-distribution detection."""
+"""dreamood: DREAM-OOD outlier imagination with diffusion models for out-of-distribution detection.
+
+The public API is importable from the top level (``from dreamood import KNNBoundarySampler``). Names are
+resolved lazily, so ``import dreamood`` is fast and loads neither torch nor any model library until a
+name is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# Public name -> module that defines it.
+_EXPORTS: dict[str, str] = {
+    "TokenEmbeddings": "dreamood.anchors",
+    "FeatureBank": "dreamood.feature_bank",
+    "EmbeddingSamples": "dreamood.sampling.samples",
+    "Embedder": "dreamood.protocols",
+    "EmbeddingSampler": "dreamood.protocols",
+    "EmbeddingDecoder": "dreamood.protocols",
+    "FeatureDetector": "dreamood.protocols",
+    "FeatureOutlierSampler": "dreamood.protocols",
+    "Scorer": "dreamood.protocols",
+    "DreamoodError": "dreamood.errors",
+    "ModelNotFoundError": "dreamood.errors",
+    "ArtifactError": "dreamood.errors",
+    "NonFiniteError": "dreamood.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from dreamood.anchors import TokenEmbeddings
+    from dreamood.errors import ArtifactError, DreamoodError, ModelNotFoundError, NonFiniteError
+    from dreamood.feature_bank import FeatureBank
+    from dreamood.protocols import (
+        Embedder,
+        EmbeddingDecoder,
+        EmbeddingSampler,
+        FeatureDetector,
+        FeatureOutlierSampler,
+        Scorer,
+    )
+    from dreamood.sampling.samples import EmbeddingSamples
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'dreamood' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

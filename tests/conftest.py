@@ -1,0 +1,47 @@
+"""Shared test configuration: no network, deterministic threads, paths to the shared reference data."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+_real_connect = socket.socket.connect
+
+
+def _refuse_connection(self: socket.socket, address: Any) -> None:
+    # Local sockets (torch.distributed on 127.0.0.1, Unix sockets) are fine; anything else is a bug.
+    host = address[0] if isinstance(address, tuple) else address
+    if isinstance(host, str) and (host.startswith("127.") or host in ("localhost", "::1") or host.startswith("/")):
+        return _real_connect(self, address)
+    if isinstance(address, (str, bytes)):
+        return _real_connect(self, address)
+    raise RuntimeError(f"a test tried to open a network connection to {address!r}")
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test runs with outbound connections refused: dreamood must work offline."""
+    monkeypatch.setattr(socket.socket, "connect", _refuse_connection)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The folder of reference token embeddings; tests using it are skipped where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("shared reference data not available")
+    return SHARED_DATA
