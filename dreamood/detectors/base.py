@@ -1,0 +1,195 @@
+"""The common shape of post-hoc OOD detectors, and the checks they share.
+
+A detector is configured in ``__init__``, learns what it needs from in-distribution data in ``fit`` (a no-op
+where nothing is learned) and maps a batch to one score per row with ``score``; every score is *higher = more
+in-distribution*. The class attribute ``inputs`` says what the detector consumes (``"logits"``, penultimate
+``"features"`` or model input ``"images"``) and ``reference`` names its paper. Learned state lives in
+attributes ending in ``_``; changing a hyperparameter that the state depends on discards the state, so a stale
+fit can never be used silently.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from dreamood._utils import DeviceLike, resolve_device
+from dreamood._validation import as_tensor, check_finite, check_floating, check_rank
+from dreamood.errors import DreamoodError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["Detector", "InputKind", "NotFittedError"]
+
+InputKind = Literal["logits", "features", "images"]
+
+
+class NotFittedError(DreamoodError, ValueError, AttributeError):
+    """A detector or index was used before ``fit`` (or after a hyperparameter change discarded its fit)."""
+
+
+class Detector(ABC):
+    """Base class of post-hoc OOD detectors: ``fit`` on in-distribution data, then ``score`` batches.
+
+    Subclasses set the class attributes ``inputs`` and ``reference`` and implement :meth:`score`.
+
+    Args:
+        device: Where the computation runs. ``None`` means the device of the batch passed in; learned state
+            is moved there when needed. Scores are always returned on the device of the batch.
+    """
+
+    inputs: ClassVar[InputKind]
+    reference: ClassVar[str]
+
+    def __init__(self, device: DeviceLike = None) -> None:
+        self.device = device
+
+    def fit(self, x: Tensor, labels: Tensor | None = None) -> Self:
+        """Learn from in-distribution data; the base implementation learns nothing.
+
+        Args:
+            x: In-distribution batch of the kind named by ``inputs``.
+            labels: Class labels ``(N,)``, used only by detectors that need them.
+
+        Returns:
+            ``self``.
+        """
+        return self
+
+    @abstractmethod
+    def score(self, x: Tensor) -> Tensor:
+        """Score a batch; higher = more in-distribution.
+
+        Args:
+            x: Batch of the kind named by ``inputs``.
+
+        Returns:
+            Scores of shape ``(N,)``.
+        """
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Same as :meth:`score`, so a detector can be used wherever a scorer callable is expected."""
+        return self.score(x)
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{name}={value!r}" for name, value in self._params().items())
+        return f"{type(self).__name__}({params})"
+
+    def _params(self) -> dict[str, object]:
+        """Hyperparameters shown by ``repr``."""
+        return {"device": self.device}
+
+    def _reset(self) -> None:
+        """Discard the learned state (every public attribute ending in ``_``)."""
+        for name in [n for n in vars(self) if n.endswith("_") and not n.startswith("_")]:
+            delattr(self, name)
+
+    def _check_fitted(self, *attributes: str) -> None:
+        missing = [name for name in attributes if not hasattr(self, name)]
+        if missing:
+            raise NotFittedError(
+                f"{type(self).__name__} is not fitted (missing {', '.join(missing)}): call fit() first, and again "
+                "after changing a hyperparameter it depends on"
+            )
+
+    def _compute_device(self, batch: Tensor) -> torch.device:
+        return batch.device if self.device is None else resolve_device(self.device)
+
+
+def check_batch(x: Tensor, name: str) -> Tensor:
+    """Return ``x`` as a detached floating-point ``(N, d)`` tensor; raise on a bad shape, dtype or NaN."""
+    x = as_tensor(x, name)
+    check_rank(x, 2, name, "(N, d)")
+    check_floating(x, name)
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one column, got shape {tuple(x.shape)}")
+    check_finite(x, name)
+    return x.detach()
+
+
+def check_labels(labels: Tensor | None, n_rows: int, name: str = "labels") -> Tensor:
+    """Return ``labels`` as an int64 ``(N,)`` tensor matching ``n_rows``; raise if missing or malformed."""
+    if labels is None:
+        raise ValueError(f"{name} are required, got None")
+    labels = as_tensor(labels, name)
+    check_rank(labels, 1, name, "(N,)")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
+    if labels.shape[0] != n_rows:
+        raise ValueError(f"{name} has {labels.shape[0]} entries but the data has {n_rows} rows")
+    return labels.detach().to(torch.int64)
+
+
+def finish_scores(scores: Tensor, like: Tensor, detector: str) -> Tensor:
+    """Check ``scores`` are finite and return them on ``like``'s device, float32 (float64 for float64 input)."""
+    check_finite(scores, f"{detector} scores")
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return scores.to(device=like.device, dtype=dtype)
+
+
+def linear_parameters(linear: nn.Linear | Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Detached float64 copies ``(weight (C, D), bias (C,))`` of a classifier's last linear layer.
+
+    Args:
+        linear: An ``nn.Linear`` or its weight ``(C, D)``.
+        bias: The bias ``(C,)`` when ``linear`` is a weight tensor; ``None`` means no bias (zeros). Must be
+            ``None`` when ``linear`` is an ``nn.Linear`` (its own bias is used).
+
+    Returns:
+        ``(weight, bias)`` in float64, on the device of the given weight.
+
+    Raises:
+        TypeError: If ``linear`` is neither an ``nn.Linear`` nor a floating-point tensor.
+        ValueError: If shapes disagree or ``bias`` is given together with an ``nn.Linear``.
+        NonFiniteError: If the weight or bias contain NaN or infinity.
+    """
+    if isinstance(linear, nn.Linear):
+        if bias is not None:
+            raise ValueError("bias must be None when linear is an nn.Linear (its own bias is used)")
+        weight, bias = linear.weight, linear.bias
+    elif isinstance(linear, Tensor):
+        weight = linear
+    else:
+        raise TypeError(f"linear must be an nn.Linear or a weight tensor (C, D), got {type(linear).__name__}")
+    weight = check_batch(weight, "linear weight")
+    if bias is None:
+        bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    bias = as_tensor(bias, "bias")
+    check_rank(bias, 1, "bias", "(C,)")
+    check_floating(bias, "bias")
+    check_finite(bias, "bias")
+    if bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias has {bias.shape[0]} entries but the weight has {weight.shape[0]} rows (classes)")
+    return weight.detach().to(torch.float64, copy=True), bias.detach().to(weight.device, torch.float64, copy=True)
+
+
+def check_feature_dim(features: Tensor, expected: int, name: str = "features") -> None:
+    """Raise ``ValueError`` unless ``features`` has ``expected`` columns."""
+    if features.shape[1] != expected:
+        raise ValueError(f"{name} must have {expected} columns (the feature dimension), got {features.shape[1]}")
+
+
+def percentile(values: Tensor, q: float) -> float:
+    """The ``q``-th percentile of all entries of ``values``, interpolated linearly like ``numpy.percentile``.
+
+    Uses two exact selections (``kthvalue``) instead of a sort, and no size limit (``torch.quantile`` has one).
+
+    Args:
+        values: Any non-empty tensor.
+        q: Percentile in ``[0, 100]``.
+
+    Returns:
+        The percentile as a Python float.
+    """
+    flat = values.reshape(-1)
+    position = q / 100.0 * (flat.numel() - 1)
+    lower = math.floor(position)
+    upper = min(lower + 1, flat.numel() - 1)
+    low = float(flat.kthvalue(lower + 1).values)
+    high = float(flat.kthvalue(upper + 1).values)
+    return low + (high - low) * (position - lower)
