@@ -25,7 +25,8 @@ def as_tensor(value: Any, name: str, *, dtype: torch.dtype | None = None) -> Ten
         if isinstance(value, np.ndarray):
             if value.dtype == object:
                 raise TypeError(f"{name} must be a numeric array, got a NumPy array of dtype object")
-            tensor = torch.from_numpy(np.ascontiguousarray(value))
+            array = value if value.flags.c_contiguous else np.ascontiguousarray(value)
+            tensor = torch.from_numpy(array.copy() if not array.flags.writeable else array)
         else:
             tensor = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as error:
