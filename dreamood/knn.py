@@ -26,7 +26,7 @@ boundary of the ``k``-th neighbour) is unspecified and may differ between backen
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 __all__ = ["Backend", "ExactNearestNeighbors", "knn_search", "kth_neighbor_distance"]
 
 Backend = Literal["auto", "torch", "faiss"]
-_BACKENDS: tuple[str, ...] = ("auto", "torch", "faiss")
 
 # Below this many query-key pairs the torch backend is as fast as faiss and avoids the copy into NumPy.
 _FAISS_MIN_PAIRS = 2**22
@@ -99,7 +98,7 @@ def knn_search(
             f"and keys {tuple(keys.shape)}"
         )
     _check_k(k, keys.shape[0], exclude_self)
-    check_choice(backend, _BACKENDS, "backend")
+    check_choice(backend, get_args(Backend), "backend")
     check_positive(memory_budget_mb, "memory_budget_mb")
     output_device = queries.device
     compute_device = queries.device if device is None else resolve_device(device)
@@ -196,7 +195,7 @@ class ExactNearestNeighbors:
         memory_budget_mb: float = 512.0,
     ) -> None:
         check_positive_int(k, "k")
-        check_choice(backend, _BACKENDS, "backend")
+        check_choice(backend, get_args(Backend), "backend")
         check_positive(memory_budget_mb, "memory_budget_mb")
         self.k = k
         self.backend: Backend = backend

@@ -1,5 +1,27 @@
-"""Post-hoc OOD detectors; every score is higher = more in-distribution."""
+"""Post-hoc OOD detectors on logits, penultimate features or model inputs; every score is higher = more ID.
 
-from dreamood.detectors.base import Detector, InputKind, NotFittedError
+Each detector names what it consumes in its ``inputs`` class attribute and its paper in ``reference``.
+"""
 
-__all__ = ["Detector", "InputKind", "NotFittedError"]
+from dreamood.detectors.base import Detector, InputKind, LinearHeadDetector, NotFittedError
+from dreamood.detectors.distance import KNN, Mahalanobis
+from dreamood.detectors.logits import MSP, Energy, MaxLogit
+from dreamood.detectors.odin import ODIN
+from dreamood.detectors.shaping import DICE, ReAct
+from dreamood.detectors.vim import ViM
+
+__all__ = [
+    "DICE",
+    "KNN",
+    "MSP",
+    "ODIN",
+    "Detector",
+    "Energy",
+    "InputKind",
+    "LinearHeadDetector",
+    "Mahalanobis",
+    "MaxLogit",
+    "NotFittedError",
+    "ReAct",
+    "ViM",
+]

@@ -101,6 +101,41 @@ class Detector(ABC):
         return batch.device if self.device is None else resolve_device(self.device)
 
 
+class LinearHeadDetector(Detector):
+    """A feature detector that recomputes logits from features with a copy of the classifier's last layer.
+
+    Args:
+        linear: The classifier's last layer, an ``nn.Linear`` or its weight ``(C, D)``.
+        bias: The bias ``(C,)`` when ``linear`` is a weight tensor (``None``: no bias).
+        device: Where the computation runs (``None``: the device of the features).
+
+    Raises:
+        TypeError: If ``linear`` is not an ``nn.Linear`` or a floating-point tensor.
+        ValueError: If the layer's shapes disagree.
+    """
+
+    inputs = "features"
+
+    def __init__(self, linear: nn.Linear | Tensor, bias: Tensor | None, device: DeviceLike) -> None:
+        super().__init__(device)
+        self._weight, self._bias = linear_parameters(linear, bias)
+
+    @property
+    def weight(self) -> Tensor:
+        """The last layer's weight ``(C, D)`` (a float64 copy, read-only: build a new detector to change it)."""
+        return self._weight
+
+    @property
+    def bias(self) -> Tensor:
+        """The last layer's bias ``(C,)`` (a float64 copy; zeros when none was given)."""
+        return self._bias
+
+    def _features64(self, features: Tensor) -> Tensor:
+        features = check_batch(features, "features")
+        check_feature_dim(features, self._weight.shape[1])
+        return features.to(self._compute_device(features), torch.float64)
+
+
 def check_batch(x: Tensor, name: str) -> Tensor:
     """Return ``x`` as a detached floating-point ``(N, d)`` tensor; raise on a bad shape, dtype or NaN."""
     x = as_tensor(x, name)
@@ -174,7 +209,7 @@ def check_feature_dim(features: Tensor, expected: int, name: str = "features") -
         raise ValueError(f"{name} must have {expected} columns (the feature dimension), got {features.shape[1]}")
 
 
-def percentile(values: Tensor, q: float) -> float:
+def percentile_of(values: Tensor, q: float) -> float:
     """The ``q``-th percentile of all entries of ``values``, interpolated linearly like ``numpy.percentile``.
 
     Uses two exact selections (``kthvalue``) instead of a sort, and no size limit (``torch.quantile`` has one).

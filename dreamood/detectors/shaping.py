@@ -1,0 +1,212 @@
+"""Detectors that reshape the last layer's computation before the energy score: ReAct and DICE.
+
+Both take the classifier's last linear layer (an ``nn.Linear`` or its weight and bias), recompute the logits
+from penultimate features after clipping activations (ReAct) or dropping small weight contributions (DICE),
+and score them with the energy ``logsumexp(logits)`` (temperature 1).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from dreamood._utils import DeviceLike
+from dreamood.detectors.base import LinearHeadDetector, check_batch, check_feature_dim, finish_scores, percentile_of
+from dreamood.evaluation.scores import energy_score
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["DICE", "ReAct"]
+
+
+class ReAct(LinearHeadDetector):
+    """Energy of the logits recomputed from activations clipped at a high percentile; higher = more ID.
+
+    Sun, Guo, Li. "ReAct: Out-of-distribution Detection With Rectified Activations", NeurIPS 2021.
+    ``fit`` sets the clipping threshold ``c`` to the ``percentile``-th percentile of *all* activations of the fit
+    features (every entry of the ``(N, D)`` matrix); ``score(x) = logsumexp(W min(x, c) + b)``.
+
+    Args:
+        linear: The classifier's last layer, an ``nn.Linear`` or its weight ``(C, D)``.
+        bias: The bias ``(C,)`` when ``linear`` is a weight tensor (``None``: no bias).
+        percentile: Percentile in ``[0, 100]`` of the fit activations used as threshold (paper: 90).
+        device: Where the computation runs (``None``: the device of the features).
+
+    Attributes:
+        threshold_: The clipping threshold ``c``.
+
+    Raises:
+        TypeError: If ``linear`` is not an ``nn.Linear`` or a floating-point tensor.
+        ValueError: If ``percentile`` is outside ``[0, 100]`` or the layer's shapes disagree.
+    """
+
+    reference = "Sun, Guo, Li. ReAct: Out-of-distribution Detection With Rectified Activations. NeurIPS 2021."
+
+    def __init__(
+        self,
+        linear: nn.Linear | Tensor,
+        bias: Tensor | None = None,
+        *,
+        percentile: float = 90.0,
+        device: DeviceLike = None,
+    ) -> None:
+        super().__init__(linear, bias, device)
+        self.percentile = percentile
+
+    @property
+    def percentile(self) -> float:
+        """Percentile of the fit activations used as clipping threshold; setting it discards the fit."""
+        return self._percentile
+
+    @percentile.setter
+    def percentile(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 100.0:
+            raise ValueError(f"percentile must be a number in [0, 100], got {value!r}")
+        self._percentile = float(value)
+        self._reset()
+
+    def _params(self) -> dict[str, object]:
+        return {"percentile": self.percentile, **super()._params()}
+
+    def fit(self, features: Tensor, labels: Tensor | None = None) -> Self:
+        """Set the clipping threshold from in-distribution features.
+
+        Args:
+            features: In-distribution penultimate features ``(N, D)``.
+            labels: Ignored.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            TypeError: If ``features`` is not floating point.
+            ValueError: If ``features`` does not have ``D`` columns.
+            NonFiniteError: If ``features`` contains NaN or infinity.
+        """
+        features = check_batch(features, "features")
+        check_feature_dim(features, self._weight.shape[1])
+        self.threshold_ = percentile_of(features.to(self._compute_device(features)), self.percentile)
+        return self
+
+    def score(self, features: Tensor) -> Tensor:
+        """Score a batch of features.
+
+        Args:
+            features: Penultimate features ``(N, D)``.
+
+        Returns:
+            Scores ``(N,)`` on the device of ``features``.
+
+        Raises:
+            NotFittedError: If :meth:`fit` has not been called since construction or the last change of
+                ``percentile``.
+            TypeError: If ``features`` is not floating point.
+            ValueError: If ``features`` does not have ``D`` columns.
+            NonFiniteError: If ``features`` contains NaN or infinity.
+        """
+        self._check_fitted("threshold_")
+        x = self._features64(features)
+        weight, bias = self._weight.to(x.device), self._bias.to(x.device)
+        logits = torch.addmm(bias, x.clamp(max=self.threshold_), weight.T)
+        return finish_scores(energy_score(logits), features, "ReAct")
+
+
+class DICE(LinearHeadDetector):
+    """Energy of the logits of a sparsified last layer; higher = more in-distribution.
+
+    Sun, Li. "DICE: Leveraging Sparsification for Out-of-Distribution Detection", ECCV 2022. ``fit`` computes
+    the mean fit feature ``m`` and the contribution matrix ``V = W * m`` (entry ``(c, j)`` is ``W[c, j] m[j]``),
+    and keeps only the weights whose contribution is above the ``100 * sparsity``-th percentile of *all*
+    ``C * D`` contributions; ``score(x) = logsumexp((W * mask) x + b)``.
+
+    Args:
+        linear: The classifier's last layer, an ``nn.Linear`` or its weight ``(C, D)``.
+        bias: The bias ``(C,)`` when ``linear`` is a weight tensor (``None``: no bias).
+        sparsity: Fraction ``p`` in ``[0, 1)`` of the contributions to drop (paper: 0.9 for CIFAR,
+            0.7 for ImageNet).
+        device: Where the computation runs (``None``: the device of the features).
+
+    Attributes:
+        mean_: Mean fit feature ``(D,)``, float64.
+        threshold_: The contribution percentile.
+        mask_: Boolean mask ``(C, D)`` of the kept weights.
+
+    Raises:
+        TypeError: If ``linear`` is not an ``nn.Linear`` or a floating-point tensor.
+        ValueError: If ``sparsity`` is outside ``[0, 1)`` or the layer's shapes disagree.
+    """
+
+    reference = "Sun, Li. DICE: Leveraging Sparsification for Out-of-Distribution Detection. ECCV 2022."
+
+    def __init__(
+        self,
+        linear: nn.Linear | Tensor,
+        bias: Tensor | None = None,
+        *,
+        sparsity: float = 0.9,
+        device: DeviceLike = None,
+    ) -> None:
+        super().__init__(linear, bias, device)
+        self.sparsity = sparsity
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the weight contributions dropped; setting it discards the fit."""
+        return self._sparsity
+
+    @sparsity.setter
+    def sparsity(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"sparsity must be a number in [0, 1), got {value!r}")
+        self._sparsity = float(value)
+        self._reset()
+
+    def _params(self) -> dict[str, object]:
+        return {"sparsity": self.sparsity, **super()._params()}
+
+    def fit(self, features: Tensor, labels: Tensor | None = None) -> Self:
+        """Choose the weights to keep from the mean in-distribution feature.
+
+        Args:
+            features: In-distribution penultimate features ``(N, D)``.
+            labels: Ignored.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            TypeError: If ``features`` is not floating point.
+            ValueError: If ``features`` does not have ``D`` columns.
+            NonFiniteError: If ``features`` contains NaN or infinity.
+        """
+        x = self._features64(features)
+        mean = x.mean(dim=0)
+        contributions = self._weight.to(x.device) * mean.unsqueeze(0)
+        threshold = percentile_of(contributions, 100.0 * self.sparsity)
+        self.mean_, self.threshold_, self.mask_ = mean, threshold, contributions > threshold
+        return self
+
+    def score(self, features: Tensor) -> Tensor:
+        """Score a batch of features.
+
+        Args:
+            features: Penultimate features ``(N, D)``.
+
+        Returns:
+            Scores ``(N,)`` on the device of ``features``.
+
+        Raises:
+            NotFittedError: If :meth:`fit` has not been called since construction or the last change of
+                ``sparsity``.
+            TypeError: If ``features`` is not floating point.
+            ValueError: If ``features`` does not have ``D`` columns.
+            NonFiniteError: If ``features`` contains NaN or infinity.
+        """
+        self._check_fitted("mask_")
+        x = self._features64(features)
+        weight = self._weight.to(x.device) * self.mask_.to(x.device)
+        logits = torch.addmm(self._bias.to(x.device), x, weight.T)
+        return finish_scores(energy_score(logits), features, "DICE")
