@@ -2,11 +2,11 @@
 
 Two backends compute the same exact answer:
 
-* ``"torch"``: blocked brute force on CPU or CUDA. Squared distances use the expansion
-  ``||q||^2 + ||k||^2 - 2 q.k`` (one matrix product per block, the fast path), clamped at zero because
-  rounding can make it slightly negative for near-identical rows, and ``topk`` picks the ``k`` smallest. The
-  expansion runs in float32 (float64 when an input is float64). Queries (and, when one row of keys does not
-  fit, keys) are processed in blocks so that the scratch memory stays within ``memory_budget_mb``.
+* ``"torch"``: blocked brute force on CPU or CUDA. Candidates are ranked by the expansion of the squared
+  distance ``||q||^2 + ||k||^2 - 2 q.k`` without its ``||q||^2`` term, which is constant along a query's row
+  and cannot change the ranking: one matrix product per block (the fast path) and ``topk`` of the ``k``
+  smallest. It runs in float32 (float64 when an input is float64). Queries (and, when one row of keys does
+  not fit, keys) are processed in blocks so that the scratch memory stays within ``memory_budget_mb``.
 * ``"faiss"``: ``faiss.IndexFlatL2`` (exact, CPU, float32), imported only when used.
 
 The expansion's absolute error on a squared distance is about ``eps * (||q||^2 + ||k||^2)``; after the square
@@ -88,7 +88,7 @@ def knn_search(
         TypeError: If an input is not a floating-point tensor or array, or ``k`` is not an int.
         ValueError: If shapes disagree, ``k`` is out of range, ``backend`` is unknown, faiss is asked to run
             on a non-CPU device or is not installed, or ``exclude_self`` is set but queries differ from keys.
-        NonFiniteError: If an input contains NaN or infinity, or squared distances overflow the dtype.
+        NonFiniteError: If an input contains NaN or infinity, or the distances overflow the dtype.
     """
     queries = _check_points(queries, "queries")
     keys = _check_points(keys, "keys")
@@ -308,17 +308,16 @@ def _torch_search(queries: Tensor, keys: Tensor, k: int, exclude_self: bool, bud
     out = torch.empty(n_queries, k, dtype=torch.int64, device=queries.device)
     for q_start in range(0, n_queries, query_block):
         q = queries[q_start : q_start + query_block]
-        q_norms = q.pow(2).sum(dim=1, keepdim=True)
         best_values: Tensor | None = None
         best_indices: Tensor | None = None
         for k_start in range(0, n_keys, key_block):
             block_keys = keys[k_start : k_start + key_block]
-            # ||q||^2 + ||k||^2 - 2 q.k, written into one buffer.
-            squared = torch.addmm(key_norms[k_start : k_start + key_block].unsqueeze(0), q, block_keys.T, alpha=-2.0)
-            squared.add_(q_norms).clamp_(min=0.0)
+            # ||k||^2 - 2 q.k: the squared distance minus ||q||^2, which is the same along a row and so does not
+            # change the ranking; the distances themselves are recomputed exactly afterwards.
+            shifted = torch.addmm(key_norms[k_start : k_start + key_block].unsqueeze(0), q, block_keys.T, alpha=-2.0)
             if exclude_self:
-                _mask_self(squared, q_start, k_start)
-            values, indices = squared.topk(min(k, squared.shape[1]), dim=1, largest=False)
+                _mask_self(shifted, q_start, k_start)
+            values, indices = shifted.topk(min(k, shifted.shape[1]), dim=1, largest=False)
             indices += k_start
             if best_values is None or best_indices is None:
                 best_values, best_indices = values, indices
@@ -332,14 +331,14 @@ def _torch_search(queries: Tensor, keys: Tensor, k: int, exclude_self: bool, bud
     return out
 
 
-def _mask_self(squared: Tensor, q_start: int, k_start: int) -> None:
+def _mask_self(block: Tensor, q_start: int, k_start: int) -> None:
     """Set the entries pairing query row ``q_start + i`` with key row ``q_start + i`` to infinity."""
-    n_rows, n_cols = squared.shape
+    n_rows, n_cols = block.shape
     first = max(q_start, k_start)
     last = min(q_start + n_rows, k_start + n_cols)
     if first < last:
-        rows = torch.arange(first, last, device=squared.device)
-        squared[rows - q_start, rows - k_start] = float("inf")
+        rows = torch.arange(first, last, device=block.device)
+        block[rows - q_start, rows - k_start] = float("inf")
 
 
 def _faiss_search(queries: Tensor, keys: Tensor, k: int, exclude_self: bool) -> Tensor:
@@ -367,11 +366,12 @@ def _exact_distances(queries: Tensor, keys: Tensor, indices: Tensor, budget_elem
     """Distances ``||q - k||`` of the selected neighbours computed from differences, rows sorted ascending."""
     n_queries, k = indices.shape
     distances = torch.empty(n_queries, k, dtype=queries.dtype, device=queries.device)
-    # Gathered neighbours and their differences to the query are the two blocks alive.
+    # One block of gathered neighbours (k * d entries per query) is alive at a time.
     rows_per_block = max(1, budget_elements // (k * queries.shape[1]))
     for start in range(0, n_queries, rows_per_block):
-        stop = start + rows_per_block
-        neighbours = keys[indices[start:stop]]
-        distances[start:stop] = torch.linalg.vector_norm(neighbours - queries[start:stop].unsqueeze(1), dim=2)
+        block = indices[start : start + rows_per_block]
+        differences = keys.index_select(0, block.reshape(-1)).view(block.shape[0], k, -1)
+        differences.sub_(queries[start : start + rows_per_block].unsqueeze(1))
+        distances[start : start + rows_per_block] = torch.linalg.vector_norm(differences, dim=2)
     distances, order = distances.sort(dim=1, stable=True)
     return distances, indices.gather(1, order)

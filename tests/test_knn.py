@@ -225,3 +225,21 @@ def test_cuda_matches_cpu() -> None:
     distances, _ = knn_search(queries, keys, 10, device="cuda")
     assert distances.device.type == "cpu"
     torch.testing.assert_close(distances, cpu_distances, rtol=0, atol=1e-4)
+
+
+def test_benchmark_script_runs_and_backends_agree(tmp_path) -> None:
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_knn.py"
+    spec = importlib.util.spec_from_file_location("bench_knn", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "knn.json"
+    args = ["--queries", "40", "--keys", "300", "--dim", "16", "-k", "5", "--repeats", "1", "--out", str(out)]
+    results = bench.main(args)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    assert [row["backend"] for row in results["results"]] == ["torch", "faiss"]
+    assert results["results"][1]["max_abs_score_difference_to_first"] == 0.0
