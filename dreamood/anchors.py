@@ -1,7 +1,8 @@
 """Class anchors T(y): one token embedding per in-distribution class (DREAM-OOD step 1).
 
 For Stable Diffusion v1.x the anchor of a class is the class name's row of the CLIP ViT-L/14 *input*
-token-embedding table (768-d), not the text encoder's output.
+token-embedding table (768-d), not the text encoder's output (Du et al., "Dream the Impossible: Outlier
+Imagination with Diffusion Models", NeurIPS 2023).
 """
 
 from __future__ import annotations
@@ -15,11 +16,23 @@ import torch
 from torch import Tensor
 
 from dreamood._utils import DeviceLike
-from dreamood._validation import as_tensor, check_class_names, check_finite, check_floating, check_rank
-from dreamood.errors import ArtifactError
+from dreamood._validation import (
+    as_tensor,
+    check_choice,
+    check_class_names,
+    check_finite,
+    check_floating,
+    check_rank,
+)
+from dreamood.errors import ArtifactError, ModelNotFoundError
 from dreamood.io import load_artifact, save_artifact
+from dreamood.pretrained import resolve_pretrained
 
-__all__ = ["TokenEmbeddings"]
+__all__ = ["SUBWORD_POLICIES", "TokenEmbeddings"]
+
+#: How a class name that the tokenizer splits into several tokens becomes one anchor: ``"mean"`` averages
+#: the sub-token rows, ``"first"`` keeps the first row (what the paper's public code did).
+SUBWORD_POLICIES: tuple[str, ...] = ("mean", "first")
 
 
 class TokenEmbeddings:
@@ -127,3 +140,163 @@ class TokenEmbeddings:
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ArtifactError(f"TokenEmbeddings artefact {path} is inconsistent: {error}") from error
+
+    @classmethod
+    @torch.no_grad()
+    def from_text_encoder(
+        cls,
+        tokenizer: Any,
+        text_encoder: Any,
+        class_names: Sequence[str],
+        subword: str = "mean",
+        *,
+        check_vocab: bool = True,
+        device: DeviceLike = "cpu",
+    ) -> TokenEmbeddings:
+        """Take each class name's row(s) of a text encoder's input token-embedding table.
+
+        Each name is tokenised without special tokens. A single-token name gives its row exactly; a name
+        split into several tokens is reduced by ``subword``.
+
+        Args:
+            tokenizer: A Hugging Face tokenizer (``CLIPTokenizer`` for Stable Diffusion v1.x).
+            text_encoder: A model with ``get_input_embeddings()`` returning the token-embedding table
+                (``CLIPTextModel``).
+            class_names: Class names, indexed by label.
+            subword: ``"mean"`` (mean of the sub-token rows) or ``"first"`` (the first sub-token's row).
+            check_vocab: Require the tokenizer's vocabulary size to equal the number of rows of the table,
+                which catches a tokenizer that silently loaded with the wrong (tiny) vocabulary.
+            device: Device of the returned vectors.
+
+        Returns:
+            The anchors, in float32 (or the table's dtype when wider), with ``token_ids`` and ``policy``
+            recorded.
+
+        Raises:
+            ValueError: ``subword`` is unknown, the vocabulary and the table disagree in size, a name maps
+                to no token or to the unknown token, or a token id lies outside the table.
+        """
+        check_choice(subword, SUBWORD_POLICIES, "subword")
+        names = check_class_names(class_names)
+        table: Tensor = text_encoder.get_input_embeddings().weight.detach()
+        rows = int(table.shape[0])
+        if check_vocab and len(tokenizer) != rows:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens but the text encoder's embedding table has {rows} rows; "
+                "the tokenizer probably loaded with the wrong vocabulary (load it with "
+                "CLIPTokenizer.from_pretrained(<tokenizer folder>)); pass check_vocab=False if they differ on purpose"
+            )
+        unknown = getattr(tokenizer, "unk_token_id", None)
+        token_ids: list[list[int]] = []
+        for name in names:
+            ids = [int(i) for i in tokenizer(name, add_special_tokens=False)["input_ids"]]
+            if not ids:
+                raise ValueError(f"class name {name!r} maps to no token")
+            if unknown is not None and unknown in ids:
+                tokens = tokenizer.convert_ids_to_tokens(ids)
+                raise ValueError(
+                    f"class name {name!r} maps to the unknown token {tokenizer.unk_token!r} (tokens {tokens}); "
+                    "the tokenizer's vocabulary does not cover it"
+                )
+            if max(ids) >= rows:
+                raise ValueError(f"class name {name!r} has token id {max(ids)} outside the {rows}-row embedding table")
+            token_ids.append(ids)
+        dtype = torch.promote_types(table.dtype, torch.float32)
+        vectors = []
+        for ids in token_ids:
+            picked = table[torch.tensor(ids if subword == "mean" else ids[:1], device=table.device)]
+            # Averaging in float64 keeps the mean independent of the table's storage precision.
+            vectors.append(picked.double().mean(dim=0).to(dtype))
+        return cls(names, torch.stack(vectors).to(device), token_ids=token_ids, policy=subword)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_path: str | os.PathLike[str],
+        class_names: Sequence[str],
+        subword: str = "mean",
+        *,
+        local_files_only: bool = True,
+        device: DeviceLike = "cpu",
+    ) -> TokenEmbeddings:
+        """Load only the tokenizer and text encoder of a pretrained model and take the anchors from them.
+
+        Two layouts are accepted: a Stable Diffusion folder (or Hugging Face model id) holding ``tokenizer/``
+        and ``text_encoder/``, and a CLIP text model folder holding the tokenizer files (``vocab.json``,
+        ``merges.txt``) beside the model's ``config.json`` and weights.
+
+        Args:
+            model_id_or_path: A folder on disk, or a model id such as ``"CompVis/stable-diffusion-v1-4"``
+                looked up in the Hugging Face cache.
+            class_names: Class names, indexed by label (e.g. ``dreamood.data.CIFAR100_CLASSES``).
+            subword: Multi-token policy, ``"mean"`` or ``"first"`` (see :meth:`from_text_encoder`).
+            local_files_only: Never touch the network. With ``False`` a missing model is downloaded.
+            device: Device of the returned vectors.
+
+        Returns:
+            The anchors, as :meth:`from_text_encoder` builds them.
+
+        Raises:
+            ModelNotFoundError: The model is missing or incomplete (the message names the path, the expected
+                layout and how to fetch the model once).
+            ValueError: As :meth:`from_text_encoder`.
+        """
+        check_choice(subword, SUBWORD_POLICIES, "subword")
+        tokenizer, text_encoder = _load_tokenizer_and_text_encoder(os.fspath(model_id_or_path), local_files_only)
+        return cls.from_text_encoder(tokenizer, text_encoder, class_names, subword, device=device)
+
+
+_LAYOUTS = (
+    "either a Stable Diffusion folder with tokenizer/ (vocab.json, merges.txt) and text_encoder/ (config.json, "
+    "weights), or a CLIP text model folder with vocab.json, merges.txt, config.json and weights"
+)
+
+
+def _load_tokenizer_and_text_encoder(name: str, local_files_only: bool) -> tuple[Any, Any]:
+    """Load a ``CLIPTokenizer`` and ``CLIPTextModel`` from a Stable Diffusion or a CLIP text model layout."""
+    try:
+        root = resolve_pretrained(name, ("tokenizer", "text_encoder"), local_files_only=local_files_only)
+        subfolders: tuple[str, str] | None = ("tokenizer", "text_encoder")
+    except ModelNotFoundError as sd_error:
+        try:
+            root = resolve_pretrained(name, (), local_files_only=local_files_only)
+        except ModelNotFoundError:
+            raise ModelNotFoundError(f"{sd_error} Expected {_LAYOUTS}.") from sd_error
+        missing = [f for f in ("vocab.json", "merges.txt") if not (Path(root) / f).is_file()]
+        if missing:
+            raise ModelNotFoundError(
+                f"pretrained model folder {root!r} is incomplete: it has neither tokenizer/ and text_encoder/ nor "
+                f"the tokenizer files {', '.join(missing)} beside its config.json. Expected {_LAYOUTS}."
+            ) from sd_error
+        subfolders = None
+    try:
+        if subfolders is not None and Path(root).is_dir():
+            return _load_pair(str(Path(root) / subfolders[0]), str(Path(root) / subfolders[1]), local_files_only)
+        if subfolders is not None:
+            # A model id to download: try the Stable Diffusion layout first, then a plain CLIP model.
+            try:
+                return _load_pair(root, root, local_files_only, subfolders=subfolders)
+            except OSError:
+                return _load_pair(root, root, local_files_only)
+        return _load_pair(root, root, local_files_only)
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(
+            f"could not load the tokenizer and text encoder of {name!r} (from {root!r}): {error}. Expected {_LAYOUTS}. "
+            "Download the model once on a machine with network access (e.g. `huggingface-cli download "
+            f"{name} --local-dir <folder>`) and pass that folder."
+        ) from error
+
+
+def _load_pair(
+    tokenizer_path: str, encoder_path: str, local_files_only: bool, subfolders: tuple[str, str] | None = None
+) -> tuple[Any, Any]:
+    # CLIPTokenizer's constructor differs between transformers 4.x and 5.x; from_pretrained(folder) is stable.
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer_kwargs: dict[str, Any] = {"local_files_only": local_files_only}
+    encoder_kwargs: dict[str, Any] = {"local_files_only": local_files_only}
+    if subfolders is not None:
+        tokenizer_kwargs["subfolder"], encoder_kwargs["subfolder"] = subfolders
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_path, **tokenizer_kwargs)
+    text_encoder = CLIPTextModel.from_pretrained(encoder_path, **encoder_kwargs)
+    return tokenizer, text_encoder
