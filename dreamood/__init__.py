@@ -14,15 +14,29 @@ __version__ = "0.1.0"
 
 # Public name -> module that defines it.
 _EXPORTS: dict[str, str] = {
+    # Anchors and Phase 1
     "TokenEmbeddings": "dreamood.anchors",
+    "TextConditionedEncoder": "dreamood.encoder",
+    "fit_encoder": "dreamood.encoder",
     "FeatureBank": "dreamood.feature_bank",
+    # Phase 2
     "EmbeddingSamples": "dreamood.sampling.samples",
+    "ExactNearestNeighbors": "dreamood.knn",
+    "knn_search": "dreamood.knn",
+    # Evaluation
+    "OODEvaluator": "dreamood.evaluation",
+    "OODReport": "dreamood.evaluation",
+    "OODMetrics": "dreamood.evaluation",
+    "ood_metrics": "dreamood.evaluation",
+    "energy_score": "dreamood.evaluation",
+    # Protocols
     "Embedder": "dreamood.protocols",
     "EmbeddingSampler": "dreamood.protocols",
     "EmbeddingDecoder": "dreamood.protocols",
     "FeatureDetector": "dreamood.protocols",
     "FeatureOutlierSampler": "dreamood.protocols",
     "Scorer": "dreamood.protocols",
+    # Errors
     "DreamoodError": "dreamood.errors",
     "ModelNotFoundError": "dreamood.errors",
     "ArtifactError": "dreamood.errors",
@@ -33,8 +47,11 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from dreamood.anchors import TokenEmbeddings
+    from dreamood.encoder import TextConditionedEncoder, fit_encoder
     from dreamood.errors import ArtifactError, DreamoodError, ModelNotFoundError, NonFiniteError
+    from dreamood.evaluation import OODEvaluator, OODMetrics, OODReport, energy_score, ood_metrics
     from dreamood.feature_bank import FeatureBank
+    from dreamood.knn import ExactNearestNeighbors, knn_search
     from dreamood.protocols import (
         Embedder,
         EmbeddingDecoder,
