@@ -1,0 +1,19 @@
+"""Phase 3 of DREAM-OOD: the energy outlier regulariser and the classifier training loop.
+
+``train_classifier`` trains a classifier with cross-entropy plus ``beta`` times the energy regulariser on
+imagined outliers (DREAM-OOD), generated inliers (DREAM-ID) or feature-space virtual outliers (VOS, NPOS), in
+one process or under ``torchrun``. The matching test-time score is the negative energy:
+``OODEvaluator(energy_score, model=model)`` with :func:`dreamood.evaluation.energy_score`.
+"""
+
+from dreamood.training.config import EpochMetrics, TrainingConfig, TrainingResult
+from dreamood.training.loop import train_classifier
+from dreamood.training.regularizer import EnergyOODRegularizer
+
+__all__ = [
+    "EnergyOODRegularizer",
+    "EpochMetrics",
+    "TrainingConfig",
+    "TrainingResult",
+    "train_classifier",
+]

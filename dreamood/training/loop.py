@@ -1,0 +1,727 @@
+"""The classifier training loop of DREAM-OOD, DREAM-ID, VOS and NPOS, in one process or under ``torchrun``.
+
+One step draws an in-distribution (ID) batch, optionally generated inliers with their labels (DREAM-ID) and
+outlier images (DREAM-OOD), runs all images through the network in one shuffled forward pass (so BatchNorm
+normalises ID and outliers together), and minimises ``CE + beta * L_ood``. Feature-space baselines (VOS,
+NPOS) instead draw virtual outliers from a :class:`~dreamood.protocols.FeatureOutlierSampler` fed with the
+penultimate features, and pass them through the classifier head inside the same forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dreamood._utils import make_generator
+from dreamood.errors import ArtifactError, NonFiniteError
+from dreamood.io import atomic_write, load_checkpoint, save_checkpoint
+from dreamood.protocols import FeatureOutlierSampler
+from dreamood.training.config import EpochMetrics, TrainingConfig, TrainingResult
+from dreamood.training.distributed import (
+    all_reduce_sum,
+    distributed_loader,
+    gather_objects,
+    gather_rows,
+    setup_distributed,
+)
+from dreamood.training.rng import capture_rng_state, loader_generators, restore_rng_state
+
+__all__ = ["CHECKPOINT_FORMAT", "train_classifier"]
+
+CHECKPOINT_FORMAT = "dreamood.training"
+"""Value of the ``"format"`` entry of every checkpoint this loop writes."""
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.json"
+
+
+def train_classifier(
+    model: nn.Module,
+    id_loader: Iterable[Any],
+    config: TrainingConfig | None = None,
+    *,
+    outlier_loader: Iterable[Any] | None = None,
+    synthetic_id_loader: Iterable[Any] | None = None,
+    regularizer: nn.Module | None = None,
+    feature_sampler: FeatureOutlierSampler | None = None,
+    feature_extractor: Callable[[Tensor], Tensor] | None = None,
+    classifier_head: Callable[[Tensor], Tensor] | None = None,
+    **options: Any,
+) -> TrainingResult:
+    """Train ``model`` in place with cross-entropy plus, optionally, the energy outlier loss.
+
+    The loss of a step is ``CE(ID and generated inliers) + beta * L_ood(ID, outliers)`` (DREAM-OOD, Du et al.,
+    NeurIPS 2023, Eq. 7; VOS, Du et al., ICLR 2022; NPOS, Tao et al., ICLR 2023), optimised by SGD with
+    Nesterov momentum and a cosine learning rate updated every step (:class:`TrainingConfig`).
+
+    * **DREAM-OOD**: ``outlier_loader`` yields generated outlier images (or ``(images, labels)`` batches whose
+      labels are ignored) and ``regularizer`` is an :class:`~dreamood.training.EnergyOODRegularizer`.
+    * **DREAM-ID**: ``synthetic_id_loader`` yields generated ``(images, labels)`` inliers that join the
+      cross-entropy.
+    * **VOS / NPOS**: ``feature_sampler`` receives the penultimate features of every labelled batch
+      (``feature_extractor``) and, from epoch ``ood_start_epoch`` on, returns virtual outlier features that
+      ``classifier_head`` maps to logits for the regulariser. The sampler is drawn from before it sees the
+      current batch's features (the forward pass that computes them also scores the virtual outliers).
+
+    One epoch is one pass over ``id_loader``. The outlier and generated-inlier loaders are restarted at every
+    epoch and cycled when shorter. Under ``torchrun --nproc_per_node=N`` every loader is sharded with a
+    ``DistributedSampler`` (its ``batch_size`` is the per-process batch), the network and the regulariser are
+    wrapped in ``DistributedDataParallel``, virtual outliers are split across processes, and only rank 0
+    writes files; with equal shards this is the single-process run on the ``N``-times larger global batch,
+    except for BatchNorm, whose statistics stay per process unless you convert the model with
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` first.
+
+    After every epoch ``output_dir/checkpoint.pt`` (model, regulariser, optimiser, scheduler, loss scaler,
+    feature sampler if it has a ``state_dict``, every random state, history) and ``output_dir/metrics.json``
+    are written atomically; ``resume=True`` continues from the checkpoint and reproduces the uninterrupted
+    run exactly (same device and number of processes).
+
+    Args:
+        model: The classifier, an ``nn.Module`` mapping images to logits ``(N, C)``; it holds every trained
+            parameter of the classifier (including those ``feature_extractor`` and ``classifier_head`` use).
+        id_loader: ``(images, labels)`` batches of the ID training set; must have a length.
+        config: The options; ``None`` builds one from ``options``.
+        outlier_loader: Outlier image batches, or ``(images, labels)`` batches (labels ignored).
+        synthetic_id_loader: Generated inliers as ``(images, labels)`` batches.
+        regularizer: Module computing ``L_ood`` from ``(logits_id, logits_ood)``, trained with the model;
+            required with outliers.
+        feature_sampler: A feature-space outlier sampler (VOS, NPOS); needs ``feature_extractor`` and
+            ``classifier_head``.
+        feature_extractor: Callable mapping images to penultimate features ``(N, d)``, e.g. ``model.features``.
+        classifier_head: Callable mapping features to logits, e.g. ``model.fc``;
+            ``classifier_head(feature_extractor(x))`` must equal ``model(x)``.
+        **options: Fields of :class:`TrainingConfig` (``epochs``, ``lr``, ``beta``, ...), overriding
+            ``config``'s.
+
+    Returns:
+        The per-epoch history and the paths written.
+
+    Raises:
+        TypeError: An argument has the wrong type, an option is unknown, or a loader yields malformed batches.
+        ValueError: The arguments do not fit together (outliers without a regulariser, a sampler without the
+            model parts, a head whose parameters are not in ``model``), labels are out of range, or a
+            checkpoint to resume belongs to a different run.
+        NonFiniteError: The loss became NaN or infinite; the message names the epoch and step.
+        ArtifactError: A checkpoint cannot be read safely.
+    """
+    config = _make_config(config, options)
+    _check_arguments(
+        model,
+        id_loader,
+        outlier_loader,
+        synthetic_id_loader,
+        regularizer,
+        feature_sampler,
+        feature_extractor,
+        classifier_head,
+        config,
+    )
+    run = _TrainingRun(
+        model=model,
+        id_loader=id_loader,
+        outlier_loader=outlier_loader,
+        synthetic_id_loader=synthetic_id_loader,
+        regularizer=regularizer,
+        feature_sampler=feature_sampler,
+        feature_extractor=feature_extractor,
+        classifier_head=classifier_head,
+        config=config,
+    )
+    return run.train()
+
+
+def _make_config(config: TrainingConfig | None, options: dict[str, Any]) -> TrainingConfig:
+    if config is None:
+        return TrainingConfig(**options)
+    if not isinstance(config, TrainingConfig):
+        raise TypeError(f"config must be a TrainingConfig, got {type(config).__name__}")
+    return replace(config, **options) if options else config
+
+
+def _owner_module(part: Callable[[Tensor], Tensor]) -> nn.Module | None:
+    """The module whose parameters a callable uses: the module itself or a bound method's module."""
+    if isinstance(part, nn.Module):
+        return part
+    owner = getattr(part, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+def _check_arguments(
+    model: nn.Module,
+    id_loader: Iterable[Any],
+    outlier_loader: Iterable[Any] | None,
+    synthetic_id_loader: Iterable[Any] | None,
+    regularizer: nn.Module | None,
+    feature_sampler: FeatureOutlierSampler | None,
+    feature_extractor: Callable[[Tensor], Tensor] | None,
+    classifier_head: Callable[[Tensor], Tensor] | None,
+    config: TrainingConfig,
+) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if regularizer is not None and not isinstance(regularizer, nn.Module):
+        raise TypeError(f"regularizer must be a torch.nn.Module, got {type(regularizer).__name__}")
+    if feature_sampler is not None and not isinstance(feature_sampler, FeatureOutlierSampler):
+        raise TypeError(
+            f"feature_sampler must have ready, update(features, labels) and sample(generator), "
+            f"got {type(feature_sampler).__name__}"
+        )
+    has_outliers = outlier_loader is not None or feature_sampler is not None
+    if has_outliers and regularizer is None:
+        raise ValueError("outliers were given but regularizer is None; pass regularizer=EnergyOODRegularizer(...)")
+    if regularizer is not None and not has_outliers:
+        raise ValueError("regularizer was given without outliers; pass outlier_loader or feature_sampler")
+    if has_outliers and config.ood_start_epoch >= config.epochs:
+        raise ValueError(
+            f"ood_start_epoch={config.ood_start_epoch} is not below epochs={config.epochs}: the outliers would "
+            "never be used"
+        )
+    if (feature_extractor is None) != (classifier_head is None):
+        raise ValueError("feature_extractor and classifier_head must be given together")
+    if feature_sampler is not None and feature_extractor is None:
+        raise ValueError("feature_sampler needs feature_extractor (images -> features) and classifier_head")
+    model_parameters = {id(p) for p in model.parameters()}
+    for name, part in (("feature_extractor", feature_extractor), ("classifier_head", classifier_head)):
+        if part is None:
+            continue
+        if not callable(part):
+            raise TypeError(f"{name} must be callable, got {type(part).__name__}")
+        owner = _owner_module(part)
+        if owner is not None and any(id(p) not in model_parameters for p in owner.parameters()):
+            raise ValueError(
+                f"{name} uses parameters that are not part of model, so they would not be trained or saved; "
+                "pass parts of model (e.g. model.fc) or a model that contains them"
+            )
+    for name, loader in (
+        ("id_loader", id_loader),
+        ("outlier_loader", outlier_loader),
+        ("synthetic_id_loader", synthetic_id_loader),
+    ):
+        if loader is not None and not isinstance(loader, Iterable):
+            raise TypeError(f"{name} must be an iterable of batches (e.g. a DataLoader), got {type(loader).__name__}")
+
+
+class _Network(nn.Module):
+    """The classifier's forward pass, with features and virtual-outlier logits when the model parts are given.
+
+    Computing everything in one ``forward`` lets ``DistributedDataParallel`` see each parameter's gradient once.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        feature_extractor: Callable[[Tensor], Tensor] | None,
+        classifier_head: Callable[[Tensor], Tensor] | None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        # A tuple keeps the callables out of the module tree (they share model's parameters).
+        self._parts = (feature_extractor, classifier_head)
+
+    def forward(self, images: Tensor, virtual: Tensor | None) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        feature_extractor, classifier_head = self._parts
+        if feature_extractor is None or classifier_head is None:
+            return None, self.model(images), None
+        features = feature_extractor(images)
+        logits = classifier_head(features)
+        virtual_logits = None if virtual is None else classifier_head(virtual.to(features.dtype))
+        return features, logits, virtual_logits
+
+
+class _Cycle:
+    """Endless iterator over a loader, restarted when exhausted (with a fresh ``DistributedSampler`` epoch)."""
+
+    def __init__(self, loader: Iterable[Any], name: str, epoch_base: int) -> None:
+        self.loader = loader
+        self.name = name
+        self.epoch_base = epoch_base
+        self.restarts = 0
+        self.iterator = self._start()
+
+    def _start(self) -> Iterator[Any]:
+        _set_sampler_epoch(self.loader, self.epoch_base + self.restarts)
+        return iter(self.loader)
+
+    def __next__(self) -> Any:
+        try:
+            return next(self.iterator)
+        except StopIteration:
+            self.restarts += 1
+            self.iterator = self._start()
+            try:
+                return next(self.iterator)
+            except StopIteration:
+                raise ValueError(f"{self.name} yielded no batch") from None
+
+
+def _set_sampler_epoch(loader: Iterable[Any], epoch: int) -> None:
+    from torch.utils.data import DistributedSampler
+
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
+
+
+def _labelled_batch(batch: Any, name: str) -> tuple[Tensor, Tensor]:
+    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and all(isinstance(b, Tensor) for b in batch[:2])):
+        raise TypeError(f"{name} must yield (images, labels) tensor pairs, got a {type(batch).__name__}")
+    images, labels = batch[0], batch[1]
+    if labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(
+            f"{name} labels must be a 1-D integer tensor, got dtype {labels.dtype}, shape {tuple(labels.shape)}"
+        )
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{name} yielded {images.shape[0]} images but {labels.shape[0]} labels")
+    return images, labels
+
+
+def _image_batch(batch: Any, name: str) -> Tensor:
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    raise TypeError(f"{name} must yield image tensors or (images, labels) pairs, got a {type(batch).__name__}")
+
+
+def _check_same_kind(images: Tensor, reference: Tensor, name: str) -> None:
+    if images.shape[1:] != reference.shape[1:] or images.dtype != reference.dtype:
+        raise ValueError(
+            f"{name} yielded images of shape {tuple(images.shape[1:])} and dtype {images.dtype}, but id_loader "
+            f"yields {tuple(reference.shape[1:])} and {reference.dtype}"
+        )
+
+
+def _cosine_schedule(total_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """Learning-rate factor of step ``t``: ``min_ratio + (1 - min_ratio) * (1 + cos(pi * t / total)) / 2``."""
+
+    def factor(step: int) -> float:
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+
+    return factor
+
+
+def _model_weights(state: dict[str, Any], path: Any) -> dict[str, Tensor]:
+    """The model state dict inside a checkpoint of this loop, or the plain state dict ``state``."""
+    weights = state["model"] if state.get("format") == CHECKPOINT_FORMAT else state
+    if not isinstance(weights, dict) or not all(isinstance(v, Tensor) for v in weights.values()):
+        raise ArtifactError(
+            f"{path} is neither a training checkpoint nor a model state dict (keys: {sorted(state)[:8]})"
+        )
+    if weights and all(key.startswith("module.") for key in weights):
+        weights = {key.removeprefix("module."): value for key, value in weights.items()}
+    return weights
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One step's images on the device (shuffled), with what is needed to undo the shuffle and split them."""
+
+    inputs: Tensor
+    inverse: Tensor | None
+    target: Tensor
+    label_range: tuple[int, int]
+    n_id: int
+    n_labelled: int
+    has_outliers: bool
+
+
+@dataclass
+class _StepStats:
+    """A step's losses (averaged over processes) and accuracy counts (summed over processes)."""
+
+    loss: float
+    ce: float
+    ood: float | None
+    correct: float
+    count: float
+
+    def add(self, other: _StepStats) -> None:
+        self.loss += other.loss
+        self.ce += other.ce
+        self.correct += other.correct
+        self.count += other.count
+        if other.ood is not None and self.ood is not None:
+            self.ood += other.ood
+
+
+class _TrainingRun:
+    """Everything one call of :func:`train_classifier` holds: loaders, optimiser, generators, state on disk."""
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        id_loader: Iterable[Any],
+        outlier_loader: Iterable[Any] | None,
+        synthetic_id_loader: Iterable[Any] | None,
+        regularizer: nn.Module | None,
+        feature_sampler: FeatureOutlierSampler | None,
+        feature_extractor: Callable[[Tensor], Tensor] | None,
+        classifier_head: Callable[[Tensor], Tensor] | None,
+        config: TrainingConfig,
+    ) -> None:
+        import numpy as np
+
+        self.config = config
+        self.context, self.device = setup_distributed(config.device)
+        context = self.context
+        self.id_loader = distributed_loader(id_loader, context, seed=config.seed, name="id_loader")
+        self.outlier_loader = None
+        if outlier_loader is not None:
+            self.outlier_loader = distributed_loader(outlier_loader, context, seed=config.seed, name="outlier_loader")
+        self.synthetic_id_loader = None
+        if synthetic_id_loader is not None:
+            self.synthetic_id_loader = distributed_loader(
+                synthetic_id_loader, context, seed=config.seed, name="synthetic_id_loader"
+            )
+        try:
+            self.steps_per_epoch = len(self.id_loader)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError("id_loader must have a length (e.g. a DataLoader over a map-style dataset)") from None
+        if self.steps_per_epoch == 0:
+            raise ValueError("id_loader is empty: it yields no batch")
+
+        self.model = model.to(self.device)
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.regularizer = None if regularizer is None else regularizer.to(self.device)
+        self.feature_sampler = feature_sampler
+
+        parameters = list(self.model.parameters())
+        if self.regularizer is not None:
+            seen = {id(p) for p in parameters}
+            parameters += [p for p in self.regularizer.parameters() if id(p) not in seen]
+        self.optimizer = torch.optim.SGD(
+            parameters,
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            weight_decay=config.weight_decay,
+        )
+        total_steps = config.epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _cosine_schedule(total_steps, config.min_lr / config.lr)
+        )
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp or "")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+        shuffle_seed, sample_seed = (int(s) for s in np.random.SeedSequence(config.seed).generate_state(2))
+        self.shuffle_generator = cast(torch.Generator, make_generator(shuffle_seed, "cpu"))
+        self.sample_generator = cast(torch.Generator, make_generator(sample_seed, self.device))
+        self.generators = {
+            "id_loader": loader_generators(self.id_loader),
+            "outlier_loader": loader_generators(self.outlier_loader),
+            "synthetic_id_loader": loader_generators(self.synthetic_id_loader),
+            "loop": [self.shuffle_generator, self.sample_generator],
+        }
+
+        self.output_dir = None if config.output_dir is None else Path(config.output_dir)
+        self.checkpoint_path = None if self.output_dir is None else self.output_dir / CHECKPOINT_NAME
+        self.metrics_path = None if self.output_dir is None else self.output_dir / METRICS_NAME
+        self.history: list[EpochMetrics] = []
+        self.start_epoch = 0
+        rng_state = self._load_initial_state()
+
+        self.network: nn.Module = _Network(self.model, feature_extractor, classifier_head)
+        self.loss_module = self.regularizer
+        if context.is_distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.network = DistributedDataParallel(self.network, device_ids=device_ids)
+            if self.regularizer is not None:
+                self.loss_module = DistributedDataParallel(self.regularizer, device_ids=device_ids)
+        if config.compile:
+            self.network = cast(nn.Module, torch.compile(self.network))
+        # Restored last, so nothing above draws from the restored states.
+        if rng_state is not None:
+            problems = restore_rng_state(rng_state, self.generators)
+            if problems:
+                warnings.warn(
+                    f"could not restore these random states, the resumed run may differ: {', '.join(problems)}",
+                    stacklevel=3,
+                )
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+
+    def _load_initial_state(self) -> dict[str, Any] | None:
+        """Resume from the checkpoint or load the initial weights; return the random state to restore."""
+        config = self.config
+        if config.resume and self.checkpoint_path is not None and self.checkpoint_path.is_file():
+            state = load_checkpoint(self.checkpoint_path, map_location="cpu")
+            self._check_resumable(state)
+            self.model.load_state_dict(state["model"])
+            if self.regularizer is not None:
+                self.regularizer.load_state_dict(state["regularizer"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self._load_sampler_state(state["feature_sampler"])
+            self.history = [EpochMetrics.from_dict(item) for item in state["history"]]
+            self.start_epoch = int(state["epoch"])
+            return cast(dict[str, Any], state["rng"][self.context.rank])
+        if config.init_checkpoint is not None:
+            state = load_checkpoint(config.init_checkpoint, map_location="cpu")
+            self.model.load_state_dict(_model_weights(state, config.init_checkpoint))
+        return None
+
+    def _check_resumable(self, state: dict[str, Any]) -> None:
+        path = self.checkpoint_path
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ArtifactError(f"{path} is not a checkpoint of train_classifier (format {state.get('format')!r})")
+        expected = {
+            "epochs": self.config.epochs,
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.context.world_size,
+            "has_regularizer": self.regularizer is not None,
+        }
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"cannot resume from {path}: it was written with {key}={state.get(key)!r}, this run has "
+                    f"{key}={value!r}; use another output_dir or resume=False"
+                )
+
+    def _load_sampler_state(self, sampler_state: dict[str, Any]) -> None:
+        sampler = self.feature_sampler
+        if sampler is None:
+            return
+        load = getattr(sampler, "load_state_dict", None)
+        if callable(load) and sampler_state:
+            load(sampler_state)
+        else:
+            warnings.warn(
+                f"{type(sampler).__name__} has no saved state (it needs state_dict()/load_state_dict()); it "
+                "restarts empty, so the resumed run differs from an uninterrupted one",
+                stacklevel=4,
+            )
+
+    def _save(self, epoch: int) -> None:
+        rng_states = gather_objects(capture_rng_state(self.generators), self.context)
+        if not self.context.is_main or self.checkpoint_path is None or self.metrics_path is None:
+            return
+        sampler_state_dict = getattr(self.feature_sampler, "state_dict", None)
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": 1,
+            "epoch": epoch + 1,
+            "epochs": self.config.epochs,
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.context.world_size,
+            "has_regularizer": self.regularizer is not None,
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "regularizer": {} if self.regularizer is None else self.regularizer.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "feature_sampler": sampler_state_dict() if callable(sampler_state_dict) else {},
+            "rng": rng_states,
+            "history": [item.to_dict() for item in self.history],
+        }
+        save_checkpoint(self.checkpoint_path, state)
+        log = {
+            "config": self.config.to_dict(),
+            "world_size": self.context.world_size,
+            "history": [item.to_dict() for item in self.history],
+        }
+        with atomic_write(self.metrics_path, "w") as handle:
+            json.dump(log, handle, indent=2)
+
+    # ---- training --------------------------------------------------------------------------------------------
+
+    def train(self) -> TrainingResult:
+        for epoch in range(self.start_epoch, self.config.epochs):
+            self.history.append(self._run_epoch(epoch))
+            self._save(epoch)
+        return TrainingResult(
+            history=list(self.history),
+            checkpoint_path=self.checkpoint_path if self.context.is_main else None,
+            metrics_path=self.metrics_path if self.context.is_main else None,
+        )
+
+    def _run_epoch(self, epoch: int) -> EpochMetrics:
+        config = self.config
+        start = time.perf_counter()
+        self.model.train()
+        if self.regularizer is not None:
+            self.regularizer.train()
+        use_ood = self.regularizer is not None and epoch >= config.ood_start_epoch
+        base = epoch * self.steps_per_epoch
+        outliers = None
+        if use_ood and self.outlier_loader is not None:
+            outliers = _Cycle(self.outlier_loader, "outlier_loader", base)
+        synthetic = None
+        if self.synthetic_id_loader is not None:
+            synthetic = _Cycle(self.synthetic_id_loader, "synthetic_id_loader", base)
+        _set_sampler_epoch(self.id_loader, epoch)
+
+        bar = None
+        if config.progress and self.context.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=True)
+        totals = _StepStats(loss=0.0, ce=0.0, ood=0.0, correct=0.0, count=0.0)
+        steps = ood_steps = 0
+        lr = self.optimizer.param_groups[0]["lr"]
+        try:
+            for step, batch in enumerate(self.id_loader):
+                lr = self.optimizer.param_groups[0]["lr"]
+                stats = self._step(batch, outliers, synthetic, use_ood, epoch, step)
+                steps += 1
+                totals.add(stats)
+                ood_steps += stats.ood is not None
+                if bar is not None:
+                    accuracy = totals.correct / max(totals.count, 1.0)
+                    bar.set_postfix(loss=f"{totals.loss / steps:.4f}", acc=f"{accuracy:.3f}", refresh=False)
+                    bar.update()
+        finally:
+            if bar is not None:
+                bar.close()
+        return EpochMetrics(
+            epoch=epoch + 1,
+            loss=totals.loss / max(steps, 1),
+            ce_loss=totals.ce / max(steps, 1),
+            ood_loss=totals.ood / ood_steps if ood_steps and totals.ood is not None else None,
+            accuracy=totals.correct / max(totals.count, 1.0),
+            lr=float(lr),
+            steps=steps,
+            ood_steps=ood_steps,
+            seconds=time.perf_counter() - start,
+        )
+
+    def _virtual_outliers(self) -> Tensor:
+        """Draw virtual outlier features; under ``torchrun`` this process keeps every ``world_size``-th row."""
+        assert self.feature_sampler is not None
+        virtual = self.feature_sampler.sample(self.sample_generator)
+        if not isinstance(virtual, Tensor) or virtual.dim() != 2:
+            raise TypeError(f"feature_sampler.sample() must return a (M, d) tensor, got {virtual!r:.80}")
+        context = self.context
+        virtual = virtual[context.rank :: context.world_size]
+        if virtual.shape[0] == 0:
+            raise ValueError(
+                f"feature_sampler.sample() returned too few outliers to give each of {context.world_size} processes one"
+            )
+        return virtual.detach().to(self.device, torch.float32)
+
+    def _assemble(self, batch: Any, outliers: _Cycle | None, synthetic: _Cycle | None) -> _Batch:
+        """Concatenate ID, generated-inlier and outlier images, shuffle them, and move them to the device."""
+        images, labels = _labelled_batch(batch, "id_loader")
+        parts, targets = [images], [labels]
+        if synthetic is not None:
+            synthetic_images, synthetic_labels = _labelled_batch(next(synthetic), "synthetic_id_loader")
+            _check_same_kind(synthetic_images, images, "synthetic_id_loader")
+            parts.append(synthetic_images)
+            targets.append(synthetic_labels)
+        if outliers is not None:
+            outlier_images = _image_batch(next(outliers), "outlier_loader")
+            _check_same_kind(outlier_images, images, "outlier_loader")
+            parts.append(outlier_images)
+        target = torch.cat(targets)
+        label_range = (int(target.min()), int(target.max()))
+
+        inputs, inverse = images, None
+        if len(parts) > 1:
+            inputs = torch.cat(parts)
+            order = torch.randperm(inputs.shape[0], generator=self.shuffle_generator)
+            inputs = inputs[order]
+            inverse = torch.argsort(order).to(self.device)
+        inputs = inputs.to(self.device, non_blocking=True)
+        if self.config.channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return _Batch(
+            inputs=inputs,
+            inverse=inverse,
+            target=target.to(self.device, non_blocking=True),
+            label_range=label_range,
+            n_id=images.shape[0],
+            n_labelled=target.shape[0],
+            has_outliers=outliers is not None,
+        )
+
+    def _losses(self, batch: _Batch, virtual: Tensor | None) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
+        """Forward pass and losses: ``(features, logits, cross-entropy, outlier loss or None)``, in input order."""
+        features, logits, virtual_logits = self.network(batch.inputs, virtual)
+        if batch.inverse is not None:
+            logits = logits[batch.inverse]
+            features = None if features is None else features[batch.inverse]
+        low, high = batch.label_range
+        if low < 0 or high >= logits.shape[1]:
+            raise ValueError(
+                f"labels must lie in [0, {logits.shape[1]}) for a model with {logits.shape[1]} outputs, got "
+                f"labels from {low} to {high}"
+            )
+        labelled = logits[: batch.n_labelled]
+        ce = F.cross_entropy(labelled, batch.target)
+        ood_logits = [logits[batch.n_labelled :]] if batch.has_outliers else []
+        if virtual_logits is not None:
+            ood_logits.append(virtual_logits)
+        if not ood_logits:
+            return features, logits, ce, None
+        assert self.loss_module is not None
+        return features, logits, ce, self.loss_module(labelled, torch.cat(ood_logits))
+
+    def _step(
+        self, batch: Any, outliers: _Cycle | None, synthetic: _Cycle | None, use_ood: bool, epoch: int, step: int
+    ) -> _StepStats:
+        config = self.config
+        assembled = self._assemble(batch, outliers, synthetic)
+        virtual = None
+        if use_ood and self.feature_sampler is not None and self.feature_sampler.ready:
+            virtual = self._virtual_outliers()
+        autocast = nullcontext() if self.amp_dtype is None else torch.autocast(self.device.type, self.amp_dtype)
+        with autocast:
+            features, logits, ce, ood = self._losses(assembled, virtual)
+            loss = ce if ood is None else ce + config.beta * ood
+
+        # One reduction per step gives every process the global numbers, so all of them stop together.
+        n_id = assembled.n_id
+        correct = (logits[:n_id].argmax(dim=1) == assembled.target[:n_id]).sum()
+        stats = torch.stack(
+            [
+                loss.detach().double(),
+                ce.detach().double(),
+                (ood.detach() if ood is not None else torch.zeros_like(ce)).double(),
+                correct.double(),
+                torch.full_like(correct, n_id).double(),
+            ]
+        )
+        total_loss, total_ce, total_ood, n_correct, n_seen = all_reduce_sum(stats, self.context).tolist()
+        world = self.context.world_size
+        result = _StepStats(
+            loss=total_loss / world,
+            ce=total_ce / world,
+            ood=None if ood is None else total_ood / world,
+            correct=n_correct,
+            count=n_seen,
+        )
+        if not math.isfinite(result.loss):
+            raise NonFiniteError(
+                f"the training loss is {result.loss} at epoch {epoch + 1}/{config.epochs}, step "
+                f"{step + 1}/{self.steps_per_epoch} (cross-entropy {result.ce}, outlier loss "
+                f"{'not computed' if result.ood is None else result.ood}); check the inputs for NaN or infinity, "
+                "lower the learning rate, or train in full precision"
+            )
+
+        torch.autograd.backward(self.scaler.scale(loss))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+        if self.feature_sampler is not None and features is not None:
+            self.feature_sampler.update(
+                gather_rows(features[: assembled.n_labelled].detach().float(), self.context),
+                gather_rows(assembled.target, self.context),
+            )
+        return result
