@@ -12,6 +12,9 @@ import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+# The test models are tiny: one intra-op thread avoids thread-pool overhead that dominates their run time.
+torch.set_num_threads(1)
+
 _real_connect = socket.socket.connect
 
 
