@@ -23,6 +23,10 @@ _EXPORTS: dict[str, str] = {
     "EmbeddingSamples": "dreamood.sampling.samples",
     "ExactNearestNeighbors": "dreamood.knn",
     "knn_search": "dreamood.knn",
+    # Phase 3
+    "EnergyOODRegularizer": "dreamood.training",
+    "train_classifier": "dreamood.training",
+    "TrainingConfig": "dreamood.training",
     # Evaluation
     "OODEvaluator": "dreamood.evaluation",
     "OODReport": "dreamood.evaluation",
@@ -61,6 +65,7 @@ if TYPE_CHECKING:
         Scorer,
     )
     from dreamood.sampling.samples import EmbeddingSamples
+    from dreamood.training import EnergyOODRegularizer, TrainingConfig, train_classifier
 
 
 def __getattr__(name: str) -> Any:
