@@ -20,6 +20,9 @@ __all__ = [
     "TINY_WORDS",
     "tiny_clip_text_encoder",
     "tiny_clip_tokenizer",
+    "tiny_stable_diffusion_pipeline",
+    "tiny_unet",
+    "tiny_vae",
     "write_tiny_clip_tokenizer",
 ]
 
@@ -109,3 +112,112 @@ def tiny_clip_text_encoder(
         table.weight.normal_(0.0, 0.4, generator=torch.Generator().manual_seed(seed))
     model.eval()
     return model
+
+
+def tiny_unet(*, cross_attention_dim: int = 32, seed: int = 0) -> Any:
+    """A randomly initialised two-level ``diffusers.UNet2DConditionModel`` (4 latent channels, eval mode).
+
+    Args:
+        cross_attention_dim: Width of the text conditioning (the text encoder's hidden size).
+        seed: Seed of the initial weights (the global RNG is left untouched).
+    """
+    from diffusers import UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet: Any = UNet2DConditionModel(  # type: ignore[no-untyped-call]
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=4,
+            norm_num_groups=8,
+        )
+    unet.eval()
+    return unet
+
+
+def tiny_vae(*, seed: int = 0) -> Any:
+    """A randomly initialised ``diffusers.AutoencoderKL`` with Stable Diffusion's 8x downsampling (eval mode).
+
+    Args:
+        seed: Seed of the initial weights (the global RNG is left untouched).
+    """
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae: Any = AutoencoderKL(  # type: ignore[no-untyped-call]
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(8, 8, 16, 16),
+            layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=64,
+        )
+    vae.eval()
+    return vae
+
+
+def tiny_stable_diffusion_pipeline(
+    directory_or_tokenizer: str | os.PathLike[str] | Any,
+    *,
+    words: Sequence[str] = TINY_WORDS,
+    model_max_length: int = 77,
+    hidden_size: int = 32,
+    seed: int = 0,
+) -> Any:
+    """A tiny, randomly initialised ``diffusers.StableDiffusionPipeline`` that runs offline on a CPU in seconds.
+
+    Same components as Stable Diffusion v1.x (CLIP tokenizer and text encoder, conditional UNet, KL autoencoder
+    with 8x downsampling, PNDM scheduler with SD's noise schedule), no safety checker. Use 32x32 or 64x64
+    images and a few inference steps.
+
+    Args:
+        directory_or_tokenizer: A folder to write the tiny tokenizer to, or a ready CLIP tokenizer.
+        words: Words the tokenizer knows as single tokens (when a folder is given).
+        model_max_length: Tokenizer window (when a folder is given).
+        hidden_size: Width of the text encoder's token embeddings and of the UNet's cross-attention.
+        seed: Seed of all initial weights.
+
+    Returns:
+        The pipeline, on the CPU, in float32.
+    """
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    if isinstance(directory_or_tokenizer, (str, os.PathLike)):
+        tokenizer = tiny_clip_tokenizer(directory_or_tokenizer, words, model_max_length=model_max_length)
+    else:
+        tokenizer = directory_or_tokenizer
+    text_encoder = tiny_clip_text_encoder(
+        len(tokenizer),
+        hidden_size=hidden_size,
+        max_position_embeddings=int(tokenizer.model_max_length),
+        seed=seed,
+    )
+    scheduler = PNDMScheduler(  # type: ignore[no-untyped-call]
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(  # type: ignore[no-untyped-call]
+        vae=tiny_vae(seed=seed),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=tiny_unet(cross_attention_dim=hidden_size, seed=seed),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

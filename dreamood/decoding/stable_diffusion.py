@@ -1,0 +1,493 @@
+"""Decode sampled token embeddings into images with Stable Diffusion (DREAM-OOD step 4).
+
+Reference: Du, Sun, Zhu, Li, "Dream the Impossible: Outlier Imagination with Diffusion Models", NeurIPS 2023
+(Eq. 6): the sampled embedding replaces the class token's input embedding in the prompt
+``"A high-quality photo of a <class>"`` and Stable Diffusion renders the result.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dreamood._utils import DeviceLike, progress, resolve_device
+from dreamood._validation import (
+    as_tensor,
+    check_choice,
+    check_class_names,
+    check_finite,
+    check_floating,
+    check_positive,
+    check_positive_int,
+    check_rank,
+)
+from dreamood.decoding.injection import (
+    PromptTokens,
+    build_injection_prompts,
+    encode_prompt_tokens,
+    tokenize_prompts,
+)
+from dreamood.pretrained import resolve_pretrained
+
+__all__ = ["SCHEDULERS", "StableDiffusionDecoder"]
+
+#: Scheduler names accepted by :meth:`StableDiffusionDecoder.from_pretrained`. ``"pndm"`` with
+#: ``skip_prk_steps`` is PLMS, the sampler of the paper.
+SCHEDULERS: tuple[str, ...] = ("pndm", "ddim", "dpm++")
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+_SD_PARTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+
+
+def _make_scheduler(name: str, config: Any) -> Any:
+    """A fresh scheduler of kind ``name`` built from a pipeline's scheduler config."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+
+    if name == "pndm":
+        return PNDMScheduler.from_config(config, skip_prk_steps=True)  # type: ignore[no-untyped-call]
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)  # type: ignore[no-untyped-call]
+    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")  # type: ignore[no-untyped-call]
+
+
+def _resolve_dtype(torch_dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if torch_dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(torch_dtype, torch.dtype):
+        if not torch_dtype.is_floating_point:
+            raise ValueError(f"torch_dtype must be a floating-point dtype, got {torch_dtype}")
+        return torch_dtype
+    check_choice(torch_dtype, tuple(_DTYPES), "torch_dtype")
+    return _DTYPES[torch_dtype]
+
+
+def _size_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be an int or a (height, width) pair, got {value!r}")
+    for side in pair:
+        check_positive_int(side, name)
+    return int(pair[0]), int(pair[1])
+
+
+class StableDiffusionDecoder:
+    """Render sampled token embeddings as images with a diffusers Stable Diffusion pipeline.
+
+    Implements DREAM-OOD's decoding step (Du et al., "Dream the Impossible: Outlier Imagination with Diffusion
+    Models", NeurIPS 2023, Eq. 6). For a label ``y`` the prompt is ``prompt_template`` with class name ``y``
+    written in; the name's token span is replaced by one slot whose *input* token embedding is the given vector
+    (see :mod:`dreamood.decoding.injection`). The unconditional branch of classifier-free guidance uses
+    ``negative_prompt``. Decoding the class's own token embedding ``T(y)`` (single-token names) reproduces the
+    plain pipeline's image for the prompt text and the same seed exactly.
+
+    Each image's initial latents are drawn from its own CPU ``torch.Generator`` seeded with its seed (the same
+    draw as ``pipeline(prompt, generator=torch.Generator().manual_seed(seed))``), and the same generators feed
+    any stochastic scheduler step, so an image does not depend on the batch it is decoded in (up to the
+    device's floating-point behaviour for different batch sizes). All images of a batch go through one UNet
+    call per denoising step (conditional and unconditional halves concatenated) and one VAE decode.
+
+    The pipeline is used as given: a pipeline that still carries a safety checker blacks out the images it
+    flags (:meth:`from_pretrained` loads without one).
+
+    Args:
+        pipeline: A diffusers ``StableDiffusionPipeline`` (or one with the same components and call signature).
+        class_names: Class names, indexed by label; each must appear as its own tokens in the prompt.
+        prompt_template: Prompt with exactly one ``{}`` for the class name.
+        num_inference_steps: Denoising steps.
+        guidance_scale: Classifier-free guidance weight; ``<= 1`` disables guidance.
+        negative_prompt: Text of the unconditional branch (the empty prompt by default, as in the paper).
+        height: Generated image height in pixels (a multiple of 8).
+        width: Generated image width in pixels (a multiple of 8).
+        output_size: Size ``int`` or ``(height, width)`` the images are resized to (antialiased), e.g. 32 for
+            CIFAR; ``None`` keeps ``(height, width)``.
+        batch_size: Largest number of images rendered together; ``None`` renders each call in one batch.
+        resize_mode: ``"bilinear"`` or ``"bicubic"`` interpolation for ``output_size``.
+        device: Move the pipeline to this device first; ``None`` leaves it where it is.
+        progress: Show progress bars: one over batches, and the pipeline's own denoising bar (set through
+            ``pipeline.set_progress_bar_config``).
+
+    Attributes:
+        pipeline: The diffusers pipeline.
+        prompt_tokens: The per-class prompt ids with their injection slots.
+
+    Raises:
+        ValueError: A setting is out of range, the template does not hold exactly one ``{}``, a class name
+            does not appear as its own tokens in its prompt, or a prompt exceeds the text encoder's window.
+    """
+
+    def __init__(
+        self,
+        pipeline: Any,
+        class_names: Sequence[str],
+        prompt_template: str = "A high-quality photo of a {}",
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str = "",
+        height: int = 512,
+        width: int = 512,
+        output_size: int | tuple[int, int] | None = None,
+        *,
+        batch_size: int | None = None,
+        resize_mode: str = "bilinear",
+        device: DeviceLike = None,
+        progress: bool = True,
+    ) -> None:
+        for part in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
+            if getattr(pipeline, part, None) is None:
+                raise ValueError(f"pipeline has no {part}; a Stable Diffusion pipeline is needed")
+        check_positive_int(num_inference_steps, "num_inference_steps")
+        check_positive(float(guidance_scale), "guidance_scale", allow_zero=True)
+        if not isinstance(negative_prompt, str):
+            raise TypeError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
+        for side, name in ((height, "height"), (width, "width")):
+            check_positive_int(side, name)
+            if side % 8:
+                raise ValueError(f"{name} must be a multiple of 8, got {side}")
+        if batch_size is not None:
+            check_positive_int(batch_size, "batch_size")
+        check_choice(resize_mode, ("bilinear", "bicubic"), "resize_mode")
+
+        window = int(pipeline.tokenizer.model_max_length)
+        positions = int(getattr(pipeline.text_encoder.config, "max_position_embeddings", window))
+        if window > positions:
+            raise ValueError(f"tokenizer.model_max_length ({window}) exceeds the text encoder's {positions} positions")
+
+        self.pipeline: Any = pipeline
+        self._class_names = check_class_names(class_names)
+        self.prompt_template = prompt_template
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = float(guidance_scale)
+        self.negative_prompt = negative_prompt
+        self.height = height
+        self.width = width
+        self.output_size = None if output_size is None else _size_pair(output_size, "output_size")
+        self.batch_size = batch_size
+        self.resize_mode = resize_mode
+        self.progress = progress
+        self.prompt_tokens: PromptTokens = build_injection_prompts(
+            pipeline.tokenizer, prompt_template, self._class_names
+        )
+        # Fail now, not at the first decode, when the unconditional prompt does not fit.
+        tokenize_prompts(pipeline.tokenizer, [negative_prompt], what="negative_prompt")
+        pipeline.set_progress_bar_config(disable=not progress)
+        if device is not None:
+            pipeline.to(resolve_device(device))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_path: str | os.PathLike[str],
+        class_names: Sequence[str],
+        *,
+        torch_dtype: torch.dtype | str | None = None,
+        device: DeviceLike = None,
+        scheduler: str = "pndm",
+        local_files_only: bool = True,
+        sdpa: bool = True,
+        channels_last: bool = False,
+        fuse_qkv_projections: bool = False,
+        compile: bool = False,
+        **kwargs: Any,
+    ) -> StableDiffusionDecoder:
+        """Load a Stable Diffusion v1.x pipeline from disk (or the Hugging Face cache) and wrap it.
+
+        The safety checker is **disabled** (loaded as ``None``): it would replace flagged images by black ones,
+        which silently corrupts a set of generated training outliers.
+
+        Args:
+            model_id_or_path: A folder with ``tokenizer/``, ``text_encoder/``, ``unet/``, ``vae/`` and
+                ``scheduler/``, or a model id such as ``"CompVis/stable-diffusion-v1-4"``.
+            class_names: Class names, indexed by label.
+            torch_dtype: Weights' dtype (``torch.float16``, ``"bf16"``, ...); ``None`` means float16 on CUDA and
+                float32 elsewhere.
+            device: Where to run; ``None``/``"auto"`` picks CUDA when available.
+            scheduler: ``"pndm"`` (PLMS, the paper's sampler), ``"ddim"`` or ``"dpm++"`` (DPM-Solver++ multistep).
+            local_files_only: Never download (the default); ``False`` lets diffusers fetch a model id.
+            sdpa: Use PyTorch's scaled-dot-product attention kernels (see :meth:`enable_speedups`).
+            channels_last: Put the UNet and VAE in channels-last memory format.
+            fuse_qkv_projections: Fuse the attention projections (where diffusers supports it).
+            compile: ``torch.compile`` the UNet (slow first call, faster afterwards).
+            **kwargs: Passed to the constructor (``prompt_template``, ``num_inference_steps``, ``output_size``,
+                ``batch_size``, ...).
+
+        Returns:
+            The decoder.
+
+        Raises:
+            ModelNotFoundError: The weights are not on disk (the message says how to get them).
+            ValueError: An argument is invalid (see the constructor).
+        """
+        from diffusers import StableDiffusionPipeline
+
+        check_choice(scheduler, SCHEDULERS, "scheduler")
+        target = resolve_device(device)
+        dtype = _resolve_dtype(torch_dtype, target)
+        source = resolve_pretrained(model_id_or_path, _SD_PARTS, local_files_only=local_files_only)
+        pipeline = StableDiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
+            source,
+            torch_dtype=dtype,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            local_files_only=local_files_only,
+        )
+        pipeline.scheduler = _make_scheduler(scheduler, pipeline.scheduler.config)
+        pipeline.to(target)
+        decoder = cls(pipeline, class_names, **kwargs)
+        return decoder.enable_speedups(
+            sdpa=sdpa, channels_last=channels_last, fuse_qkv_projections=fuse_qkv_projections, compile=compile
+        )
+
+    def enable_speedups(
+        self,
+        *,
+        sdpa: bool = True,
+        channels_last: bool = False,
+        fuse_qkv_projections: bool = False,
+        compile: bool = False,
+    ) -> StableDiffusionDecoder:
+        """Switch on inference speed-ups of the pipeline in place (they change images only within numerics).
+
+        Args:
+            sdpa: Set PyTorch's scaled-dot-product attention processor on the UNet and VAE.
+            channels_last: Put the UNet and VAE in channels-last memory format.
+            fuse_qkv_projections: Fuse the query/key/value projections of the UNet and VAE attention layers
+                (ignored on diffusers versions without ``fuse_qkv_projections``).
+            compile: Compile the UNet with ``torch.compile``.
+
+        Returns:
+            ``self``.
+        """
+        pipeline = self.pipeline
+        if sdpa:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            pipeline.unet.set_attn_processor(AttnProcessor2_0())  # type: ignore[no-untyped-call]
+            pipeline.vae.set_attn_processor(AttnProcessor2_0())  # type: ignore[no-untyped-call]
+        if channels_last:
+            pipeline.unet.to(memory_format=torch.channels_last)
+            pipeline.vae.to(memory_format=torch.channels_last)
+        if fuse_qkv_projections and hasattr(pipeline, "fuse_qkv_projections"):
+            pipeline.fuse_qkv_projections()
+        if compile:
+            pipeline.unet.compile()
+        return self
+
+    @property
+    def class_names(self) -> list[str]:
+        """Names of the classes, indexed by label."""
+        return list(self._class_names)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width ``m`` of the text encoder's input token embeddings (768 for Stable Diffusion v1.x)."""
+        return int(self.pipeline.text_encoder.get_input_embeddings().embedding_dim)
+
+    @property
+    def prompts(self) -> list[str]:
+        """Each class's prompt text (the template with the class name written in), indexed by label."""
+        return list(self.prompt_tokens.prompts)
+
+    def _check_vectors(self, vectors: Tensor | Any, labels: Tensor | Any) -> tuple[Tensor, Tensor]:
+        table = as_tensor(vectors, "vectors")
+        check_rank(table, 2, "vectors", "(batch, embedding_dim)")
+        check_floating(table, "vectors")
+        check_finite(table, "vectors")
+        if table.shape[1] != self.embedding_dim:
+            raise ValueError(
+                f"vectors have dimension {table.shape[1]} but the text encoder's token embeddings have "
+                f"dimension {self.embedding_dim}"
+            )
+        targets = as_tensor(labels, "labels")
+        check_rank(targets, 1, "labels", "(batch,)")
+        if targets.is_floating_point() or targets.dtype == torch.bool:
+            raise TypeError(f"labels must have an integer dtype, got {targets.dtype}")
+        if targets.shape[0] != table.shape[0]:
+            raise ValueError(f"labels has {targets.shape[0]} entries but vectors has {table.shape[0]} rows")
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= len(self._class_names)):
+            raise ValueError(
+                f"labels must lie in [0, {len(self._class_names) - 1}], got values from {int(targets.min())} "
+                f"to {int(targets.max())}"
+            )
+        return table, targets.long().cpu()
+
+    def _check_seeds(self, seeds: Sequence[int], count: int) -> list[int]:
+        if isinstance(seeds, (int, str)):
+            raise TypeError(f"seeds must be a sequence of ints (one per image), got {type(seeds).__name__}")
+        values = []
+        for index, seed in enumerate(seeds):
+            try:
+                value = operator.index(seed)
+            except TypeError as error:
+                raise TypeError(f"seeds[{index}] must be an int, got {type(seed).__name__} {seed!r}") from error
+            if value < 0 or value >= 2**63:
+                raise ValueError(f"seeds[{index}] must lie in [0, 2**63), got {value}")
+            values.append(value)
+        if len(values) != count:
+            raise ValueError(f"seeds has {len(values)} entries but {count} images are decoded; give one seed per image")
+        return values
+
+    def encode(self, vectors: Tensor, labels: Tensor) -> Tensor:
+        """Text-encoder conditioning of the class prompts with ``vectors`` injected in the class slots.
+
+        Args:
+            vectors: ``(B, m)`` token embeddings, ``m = embedding_dim``.
+            labels: ``(B,)`` integer class labels selecting each vector's prompt.
+
+        Returns:
+            ``prompt_embeds`` of shape ``(B, L, d)`` on the text encoder's device.
+
+        Raises:
+            ValueError: Shapes disagree, ``m`` differs from the token-embedding width, or a label is out of range.
+            TypeError: ``vectors`` is not floating point or ``labels`` not integer.
+            NonFiniteError: ``vectors`` holds NaN or infinity.
+        """
+        table, targets = self._check_vectors(vectors, labels)
+        return self._encode_injected(table, targets)
+
+    def _encode_injected(self, vectors: Tensor, labels: Tensor) -> Tensor:
+        tokens = self.prompt_tokens
+        return encode_prompt_tokens(
+            self.pipeline.text_encoder,
+            tokens.input_ids[labels],
+            tokens.attention_mask[labels],
+            vectors,
+            tokens.slots[labels],
+        )
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
+        """Text-encoder conditioning of plain text prompts, computed as the diffusers pipeline computes it.
+
+        Args:
+            prompts: Prompt texts.
+
+        Returns:
+            ``prompt_embeds`` of shape ``(len(prompts), L, d)``.
+
+        Raises:
+            ValueError: A prompt is longer than the text encoder's window.
+        """
+        texts = self._check_prompts(prompts)
+        ids, mask = tokenize_prompts(self.pipeline.tokenizer, texts)
+        return encode_prompt_tokens(self.pipeline.text_encoder, ids, mask)
+
+    @staticmethod
+    def _check_prompts(prompts: Sequence[str]) -> list[str]:
+        if isinstance(prompts, str):
+            raise TypeError(f"prompts must be a sequence of strings, not a single string {prompts!r}")
+        texts = list(prompts)
+        for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"prompts[{index}] must be a string, got {type(text).__name__}")
+        return texts
+
+    def decode(self, vectors: Tensor, labels: Tensor, seeds: Sequence[int]) -> Tensor:
+        """Render one image per vector, injected into its class's prompt (paper Eq. 6).
+
+        Args:
+            vectors: ``(B, m)`` token embeddings (e.g. sampled outlier embeddings rescaled to ``||T(y)||``).
+            labels: ``(B,)`` integer labels choosing the prompt of each vector.
+            seeds: One non-negative int per image; the same ``(vector, label, seed)`` gives the same image.
+
+        Returns:
+            Images ``(B, 3, H, W)`` in ``[0, 1]``, float32, on the pipeline's device; ``(H, W)`` is
+            ``output_size`` when set, else ``(height, width)``.
+
+        Raises:
+            ValueError: Shapes disagree, ``m`` differs from the token-embedding width, a label is out of range,
+                or the number of seeds differs from ``B``.
+            TypeError: ``vectors`` is not floating point, ``labels`` not integer, or a seed not an int.
+            NonFiniteError: ``vectors`` holds NaN or infinity.
+        """
+        table, targets = self._check_vectors(vectors, labels)
+        seed_list = self._check_seeds(seeds, int(table.shape[0]))
+        chunks = [
+            self._render(self._encode_injected(table[part], targets[part]), seed_list[part])
+            for part in self._slices(len(seed_list))
+        ]
+        return self._join(chunks)
+
+    def decode_prompts(self, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:
+        """Render plain text prompts, no injection (e.g. ``decoder.prompts`` per label, or generic prompts).
+
+        Args:
+            prompts: One prompt text per image.
+            seeds: One non-negative int per image.
+
+        Returns:
+            Images ``(B, 3, H, W)`` in ``[0, 1]``, float32, on the pipeline's device.
+
+        Raises:
+            ValueError: A prompt exceeds the text encoder's window or the number of seeds differs.
+            TypeError: A prompt is not a string or a seed not an int.
+        """
+        texts = self._check_prompts(prompts)
+        seed_list = self._check_seeds(seeds, len(texts))
+        chunks = [self._render(self.encode_prompts(texts[part]), seed_list[part]) for part in self._slices(len(texts))]
+        return self._join(chunks)
+
+    def _slices(self, count: int) -> Iterator[slice]:
+        step = self.batch_size or max(count, 1)
+        parts = [slice(start, start + step) for start in range(0, count, step)]
+        return progress(parts, enabled=self.progress and len(parts) > 1, desc="decoding", total=len(parts))
+
+    def _join(self, chunks: list[Tensor]) -> Tensor:
+        if chunks:
+            return torch.cat(chunks)
+        height, width = self.output_size or (self.height, self.width)
+        return torch.empty((0, 3, height, width), device=self.pipeline.device)
+
+    def _negative_embeds(self, count: int) -> Tensor:
+        ids, mask = tokenize_prompts(self.pipeline.tokenizer, [self.negative_prompt], what="negative_prompt")
+        row = encode_prompt_tokens(self.pipeline.text_encoder, ids, mask)
+        return row.expand(count, -1, -1)
+
+    def _render(self, prompt_embeds: Tensor, seeds: list[int]) -> Tensor:
+        """Run the pipeline on ready conditioning, with per-image latents and generators."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        pipeline = self.pipeline
+        count = len(seeds)
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+        scale = int(pipeline.vae_scale_factor)
+        shape = (count, int(pipeline.unet.config.in_channels), self.height // scale, self.width // scale)
+        # Same draw as the pipeline's own prepare_latents with these generators.
+        latents = randn_tensor(shape, generator=generators, device=pipeline.device, dtype=prompt_embeds.dtype)
+        negative = self._negative_embeds(count) if self.guidance_scale > 1 else None
+        images: Tensor = pipeline(
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative,
+            latents=latents,
+            generator=generators,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            height=self.height,
+            width=self.width,
+            output_type="pt",
+            return_dict=False,
+        )[0]
+        images = images.float()
+        if self.output_size is not None and tuple(images.shape[-2:]) != self.output_size:
+            images = F.interpolate(images, size=self.output_size, mode=self.resize_mode, antialias=True)
+        return images.clamp(0.0, 1.0)
+
+    def __repr__(self) -> str:
+        return (
+            f"StableDiffusionDecoder(num_classes={len(self._class_names)}, prompt_template={self.prompt_template!r}, "
+            f"num_inference_steps={self.num_inference_steps}, guidance_scale={self.guidance_scale}, "
+            f"size=({self.height}, {self.width}), output_size={self.output_size})"
+        )
