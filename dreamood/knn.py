@@ -50,7 +50,9 @@ __all__ = ["Backend", "ExactNearestNeighbors", "knn_search", "kth_neighbor_dista
 
 Backend = Literal["auto", "torch", "faiss"]
 
-# Below this many query-key pairs the torch backend is as fast as faiss and avoids the copy into NumPy.
+# "auto" sends CPU searches of at least this many query-key pairs to faiss. On a 2-core AMD EPYC both backends
+# used about the same CPU time for 2.5e4 to 4e7 pairs (d 64 to 768, k 10 to 300); small searches stay in torch,
+# which avoids copying the inputs into NumPy float32.
 _FAISS_MIN_PAIRS = 2**22
 # The distance block and the workspace of topk over it are alive together.
 _BLOCKS_ALIVE = 2
