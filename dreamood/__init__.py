@@ -23,6 +23,8 @@ _EXPORTS: dict[str, str] = {
     "EmbeddingSamples": "dreamood.sampling.samples",
     "ExactNearestNeighbors": "dreamood.knn",
     "knn_search": "dreamood.knn",
+    # Decoding
+    "StableDiffusionDecoder": "dreamood.decoding.stable_diffusion",
     # Phase 3
     "EnergyOODRegularizer": "dreamood.training",
     "train_classifier": "dreamood.training",
@@ -51,6 +53,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from dreamood.anchors import TokenEmbeddings
+    from dreamood.decoding.stable_diffusion import StableDiffusionDecoder
     from dreamood.encoder import TextConditionedEncoder, fit_encoder
     from dreamood.errors import ArtifactError, DreamoodError, ModelNotFoundError, NonFiniteError
     from dreamood.evaluation import OODEvaluator, OODMetrics, OODReport, energy_score, ood_metrics

@@ -15,12 +15,14 @@ from dreamood.errors import ModelNotFoundError
 
 __all__ = ["resolve_pretrained"]
 
-_FILES_BY_FOLDER = {
-    "tokenizer": ("vocab.json", "merges.txt"),
-    "text_encoder": ("config.json",),
-    "unet": ("config.json",),
-    "vae": ("config.json",),
-    "scheduler": ("scheduler_config.json",),
+# Each folder is complete when one of its alternative file sets is present (transformers 5 may save a
+# tokenizer as tokenizer.json alone; the published SD v1.x snapshots have vocab.json and merges.txt).
+_FILES_BY_FOLDER: dict[str, tuple[tuple[str, ...], ...]] = {
+    "tokenizer": (("vocab.json", "merges.txt"), ("tokenizer.json",)),
+    "text_encoder": (("config.json",),),
+    "unet": (("config.json",),),
+    "vae": (("config.json",),),
+    "scheduler": (("scheduler_config.json",),),
 }
 
 
@@ -64,9 +66,10 @@ def resolve_pretrained(
     missing = []
     for folder in subfolders:
         part = path / folder
-        required = _FILES_BY_FOLDER.get(folder, ())
-        if not part.is_dir() or any(not (part / f).is_file() for f in required):
-            missing.append(f"{folder}/ ({', '.join(required) or 'files'})")
+        alternatives = _FILES_BY_FOLDER.get(folder, ((),))
+        if not part.is_dir() or not any(all((part / f).is_file() for f in files) for files in alternatives):
+            expected = " or ".join(", ".join(files) for files in alternatives if files) or "files"
+            missing.append(f"{folder}/ ({expected})")
     if not subfolders and not (path / "config.json").is_file():
         missing.append("config.json")
     if missing:
