@@ -29,6 +29,13 @@ _EXPORTS: dict[str, str] = {
     "EnergyOODRegularizer": "dreamood.training",
     "train_classifier": "dreamood.training",
     "TrainingConfig": "dreamood.training",
+    # Alternatives and baselines in latent or feature space
+    "GaussianTokenNoiseSampler": "dreamood.sampling.token_samplers",
+    "LearnableNoiseSampler": "dreamood.sampling.token_samplers",
+    "TokenInterpolationSampler": "dreamood.sampling.token_samplers",
+    "DisjointClassSampler": "dreamood.sampling.token_samplers",
+    "VOSSampler": "dreamood.sampling.feature_samplers",
+    "NPOSSampler": "dreamood.sampling.feature_samplers",
     # Evaluation
     "OODEvaluator": "dreamood.evaluation",
     "OODReport": "dreamood.evaluation",
@@ -67,7 +74,14 @@ if TYPE_CHECKING:
         FeatureOutlierSampler,
         Scorer,
     )
+    from dreamood.sampling.feature_samplers import NPOSSampler, VOSSampler
     from dreamood.sampling.samples import EmbeddingSamples
+    from dreamood.sampling.token_samplers import (
+        DisjointClassSampler,
+        GaussianTokenNoiseSampler,
+        LearnableNoiseSampler,
+        TokenInterpolationSampler,
+    )
     from dreamood.training import EnergyOODRegularizer, TrainingConfig, train_classifier
 
 

@@ -8,6 +8,7 @@ so code paths are exercised exactly as with real weights, only smaller.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -48,6 +49,28 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in codes), strict=True))
 
 
+def _apply_merges(pieces: list[str], merges: list[str]) -> list[str]:
+    """Byte-pair-encode ``pieces`` with ``merges`` in rank order, as CLIP's tokenizer does."""
+    ranks = {merge: rank for rank, merge in enumerate(merges)}
+    while len(pieces) > 1:
+        pairs = [f"{a} {b}" for a, b in itertools.pairwise(pieces)]
+        best = min(pairs, key=lambda pair: ranks.get(pair, len(ranks)))
+        if best not in ranks:
+            break
+        first, second = best.split(" ")
+        merged: list[str] = []
+        index = 0
+        while index < len(pieces):
+            if index + 1 < len(pieces) and pieces[index] == first and pieces[index + 1] == second:
+                merged.append(first + second)
+                index += 2
+            else:
+                merged.append(pieces[index])
+                index += 1
+        pieces = merged
+    return pieces
+
+
 def write_tiny_clip_tokenizer(directory: str | os.PathLike[str], words: Sequence[str] = TINY_WORDS) -> Path:
     """Write a ``vocab.json`` and ``merges.txt`` for a CLIP BPE tokenizer that knows ``words`` whole.
 
@@ -62,13 +85,11 @@ def write_tiny_clip_tokenizer(directory: str | os.PathLike[str], words: Sequence
         vocab.setdefault(piece, len(vocab))
     merges: list[str] = []
     for word in dict.fromkeys(w.lower() for w in words):
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merge = f"{pieces[0]} {pieces[1]}"
-            if merge not in merges:
-                merges.append(merge)
-            pieces = [pieces[0] + pieces[1], *pieces[2:]]
-            vocab.setdefault(pieces[0], len(vocab))
+        # Apply the merges so far as BPE would (lowest rank first); while the word is still split, add a
+        # merge of its first two pieces. Merges added later rank lower, so earlier words stay whole.
+        while len(pieces := _apply_merges([*word[:-1], word[-1] + "</w>"], merges)) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab.setdefault(special, len(vocab))
     (target / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
