@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "EmbeddingSamples": "dreamood.sampling.samples",
     "ExactNearestNeighbors": "dreamood.knn",
     "knn_search": "dreamood.knn",
+    "kth_neighbor_distance": "dreamood.knn",
     # Decoding
     "StableDiffusionDecoder": "dreamood.decoding.stable_diffusion",
     # Phase 3
@@ -54,6 +55,7 @@ _EXPORTS: dict[str, str] = {
     "ModelNotFoundError": "dreamood.errors",
     "ArtifactError": "dreamood.errors",
     "NonFiniteError": "dreamood.errors",
+    "NotFittedError": "dreamood.errors",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -62,10 +64,10 @@ if TYPE_CHECKING:
     from dreamood.anchors import TokenEmbeddings
     from dreamood.decoding.stable_diffusion import StableDiffusionDecoder
     from dreamood.encoder import TextConditionedEncoder, fit_encoder
-    from dreamood.errors import ArtifactError, DreamoodError, ModelNotFoundError, NonFiniteError
+    from dreamood.errors import ArtifactError, DreamoodError, ModelNotFoundError, NonFiniteError, NotFittedError
     from dreamood.evaluation import OODEvaluator, OODMetrics, OODReport, energy_score, ood_metrics
     from dreamood.feature_bank import FeatureBank
-    from dreamood.knn import ExactNearestNeighbors, knn_search
+    from dreamood.knn import ExactNearestNeighbors, knn_search, kth_neighbor_distance
     from dreamood.protocols import (
         Embedder,
         EmbeddingDecoder,

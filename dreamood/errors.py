@@ -23,3 +23,7 @@ class ArtifactError(DreamoodError, ValueError):
 
 class NonFiniteError(DreamoodError, ValueError):
     """A tensor that must be finite (features, scores, a loss) contains NaN or infinity."""
+
+
+class NotFittedError(DreamoodError, ValueError, AttributeError):
+    """A detector or index was used before ``fit`` (or after a hyperparameter change discarded its fit)."""

@@ -41,7 +41,7 @@ from dreamood._validation import (
     check_positive_int,
     check_rank,
 )
-from dreamood.errors import NonFiniteError
+from dreamood.errors import NonFiniteError, NotFittedError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -242,8 +242,6 @@ class ExactNearestNeighbors:
             ValueError: See :func:`knn_search`.
         """
         if not hasattr(self, "keys_"):
-            from dreamood.detectors.base import NotFittedError
-
             raise NotFittedError("ExactNearestNeighbors is not fitted: call fit(keys) first")
         return knn_search(
             queries,

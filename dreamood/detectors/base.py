@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from dreamood._utils import DeviceLike, resolve_device
 from dreamood._validation import as_tensor, check_finite, check_floating, check_rank
-from dreamood.errors import DreamoodError
+from dreamood.errors import NotFittedError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -27,10 +27,6 @@ if TYPE_CHECKING:
 __all__ = ["Detector", "InputKind", "NotFittedError"]
 
 InputKind = Literal["logits", "features", "images"]
-
-
-class NotFittedError(DreamoodError, ValueError, AttributeError):
-    """A detector or index was used before ``fit`` (or after a hyperparameter change discarded its fit)."""
 
 
 class Detector(ABC):
