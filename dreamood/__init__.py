@@ -21,6 +21,7 @@ _EXPORTS: dict[str, str] = {
     "FeatureBank": "dreamood.feature_bank",
     # Phase 2
     "EmbeddingSamples": "dreamood.sampling.samples",
+    "KNNBoundarySampler": "dreamood.sampling.knn_boundary",
     "ExactNearestNeighbors": "dreamood.knn",
     "knn_search": "dreamood.knn",
     "kth_neighbor_distance": "dreamood.knn",
@@ -77,6 +78,7 @@ if TYPE_CHECKING:
         Scorer,
     )
     from dreamood.sampling.feature_samplers import NPOSSampler, VOSSampler
+    from dreamood.sampling.knn_boundary import KNNBoundarySampler
     from dreamood.sampling.samples import EmbeddingSamples
     from dreamood.sampling.token_samplers import (
         DisjointClassSampler,
