@@ -379,6 +379,11 @@ class PipelineConfig:
         _one_of(self.benchmark, BENCHMARKS, "benchmark")
         _one_of(self.method, METHODS, "method")
         _positive(self.seed, "seed", allow_zero=True)
+        _require(
+            self.generation.images_per_class <= self.sampler.num_per_class,
+            f"generation.images_per_class ({self.generation.images_per_class}) must not exceed "
+            f"sampler.num_per_class ({self.sampler.num_per_class}): each image renders one sampled embedding",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Return the configuration as nested plain dicts (``None`` values included).

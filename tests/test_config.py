@@ -143,6 +143,10 @@ def test_toml_yaml_and_json_give_the_same_config(tmp_path: Path) -> None:
         ("[generation]\nprompt = 'a photo'\n", r"generation.prompt must hold exactly one"),
         ("[training]\nhead = 'deep'\n", r"training.head must be one of 'linear', 'mlp', got 'deep'"),
         ("method = 'vos'\n", r"method must be one of"),
+        (
+            "[sampler]\nnum_per_class = 10\n",
+            r"generation.images_per_class \(1000\) must not exceed sampler.num_per_class",
+        ),
         ("[training\n", r"is not valid TOML"),
     ],
 )

@@ -1,0 +1,332 @@
+"""The ``dreamood`` command: run DREAM-OOD stage by stage, or a whole run from a configuration file.
+
+Every stage subcommand reads the same configuration (``--config``, a TOML/YAML/JSON file or the name of a
+packaged paper configuration, plus ``--set key=value`` overrides) and works in the run's output folder: it
+loads the artefacts of the stages before it and writes its own. ``dreamood run`` chains all stages and skips
+those whose artefact exists. Errors are reported in one line (``--debug`` shows the traceback) with a
+non-zero exit code. ``torchrun -m dreamood train ...`` trains on several processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from dreamood import __version__
+
+__all__ = ["build_parser", "main"]
+
+_EPILOG = (
+    "Stages in order: anchors, fit-encoder (encoder and feature bank), sample, generate, train, evaluate. "
+    "Each writes its artefact to the output folder and reads the previous stages' artefacts from it; "
+    "`dreamood run` runs them all and skips those already done. Configurations: a .toml, .yaml or .json file, "
+    "or a packaged one: cifar100, imagenet100, imagenet100-dream-id."
+)
+
+# Subcommand -> (stages it runs, one-line help).
+_STAGE_COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "anchors": (("anchors",), "take the class anchors T(y) from the text encoder's token-embedding table"),
+    "fit-encoder": (("encoder", "bank"), "Phase 1: train the text-conditioned encoder and build the feature bank"),
+    "sample": (("samples",), "Phase 2: sample outlier (DREAM-ID: inlier) embeddings at the class boundaries"),
+    "generate": (("images",), "render the sampled embeddings with Stable Diffusion (torchrun: split over processes)"),
+    "train": (("classifier",), "Phase 3: train the classifier with the generated images (torchrun: data parallel)"),
+    "evaluate": (("report",), "FPR95, AUROC, AUPR and ID accuracy of the trained classifier on the OOD test sets"),
+}
+
+# Stages that may run under torchrun with more than one process.
+_DISTRIBUTED_STAGES = ("images", "classifier")
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("configuration")
+    group.add_argument(
+        "--config",
+        default="cifar100",
+        metavar="FILE",
+        help="configuration file (.toml, .yaml, .json) or packaged name: cifar100 (default), imagenet100, "
+        "imagenet100-dream-id",
+    )
+    group.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a configuration key, e.g. --set training.epochs=10 --set data.root=/data (repeatable)",
+    )
+    group.add_argument("--output-dir", metavar="DIR", help="folder of the run's artefacts (sets output_dir)")
+    group.add_argument("--device", help="cpu, cuda, cuda:1, ... or auto (CUDA when available)")
+    group.add_argument("--seed", type=int, help="seed of every random choice of the run")
+    group.add_argument(
+        "--smoke",
+        action="store_true",
+        help="shrink the run to tiny random models and random data that run on a CPU in seconds (checks the "
+        "wiring; the numbers mean nothing)",
+    )
+    output = common.add_argument_group("output")
+    output.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    output.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    output.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``dreamood`` command, with one subparser per subcommand.
+
+    Returns:
+        The parser.
+    """
+    parser = argparse.ArgumentParser(
+        prog="dreamood",
+        description="DREAM-OOD: imagine outliers with a diffusion model and train OOD detectors with them "
+        "(Du et al., NeurIPS 2023).",
+        epilog=_EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"dreamood {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = _common_options()
+    for name, (stages, text) in _STAGE_COMMANDS.items():
+        sub = commands.add_parser(name, parents=[common], help=text, description=text[0].upper() + text[1:] + ".")
+        sub.add_argument("--force", action="store_true", help="redo the stage even when its artefact exists")
+        sub.set_defaults(handler=_run_stages, stages=stages)
+    run = commands.add_parser(
+        "run",
+        parents=[common],
+        help="run every stage from a configuration, skipping those already done",
+        description="Run every stage of DREAM-OOD (or DREAM-ID) from a configuration, skipping the stages whose "
+        "artefact exists, and print the evaluation report.",
+        epilog=_EPILOG,
+    )
+    run.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="redo STAGE even when its artefact exists: anchors, encoder, bank, samples, images, classifier, "
+        "report, or all (repeatable)",
+    )
+    run.add_argument(
+        "--dry-run", action="store_true", help="print the resolved configuration and each stage's state, run nothing"
+    )
+    run.set_defaults(handler=_run_all, stages=())
+    commands.add_parser(
+        "demo",
+        help="the interactive demo (all its options: dreamood demo --help)",
+        description="The interactive demo; every argument after `demo` is passed to it.",
+        add_help=False,
+    )
+    return parser
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------
+
+
+def _parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    overrides: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE (e.g. training.epochs=10), got {item!r}")
+        overrides[key.strip()] = value
+    return overrides
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The configuration (with overrides) and the smoke data when ``--smoke`` is given."""
+    from dreamood.config import load_config
+    from dreamood.pipeline import smoke_setup
+
+    overrides: dict[str, Any] = _parse_overrides(args.overrides)
+    for key, value in (("output_dir", args.output_dir), ("device", args.device), ("seed", args.seed)):
+        if value is not None:
+            overrides[key] = value
+    if args.no_progress:
+        overrides["progress"] = False
+    config = load_config(args.config, overrides)
+    if not args.smoke:
+        return config, None
+    import torch
+
+    torch.set_num_threads(1)  # tiny models: extra threads only add overhead
+    return smoke_setup(config, config.output_dir)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _check_distributed(stages: Sequence[str], command: str) -> None:
+    if _world_size() > 1 and any(stage not in _DISTRIBUTED_STAGES for stage in stages):
+        raise ValueError(
+            f"`dreamood {command}` runs in one process; under torchrun only `train` and `generate` are supported "
+            "(run the other stages without torchrun)"
+        )
+
+
+def _summary(stage: str, result: Any) -> str:
+    if stage == "anchors":
+        return f"anchors: {result.num_classes} classes, dimension {result.dim}"
+    if stage == "encoder":
+        return f"encoder: {type(result.backbone).__name__} -> {result.embedding_dim}-d embeddings"
+    if stage == "bank":
+        return f"feature bank: {len(result)} embeddings of {result.num_classes} classes"
+    if stage == "samples":
+        return f"samples: {len(result)} embeddings ({result.config.get('mode', 'outlier')} mode)"
+    if stage == "images":
+        return f"images: {result}"
+    if stage == "classifier":
+        return f"classifier: {type(result.backbone).__name__}, {result.num_classes} classes"
+    return str(result)
+
+
+def _execute(pipe: Any, stage: str) -> Any:
+    """Run one stage of ``pipe``, loading its inputs from the output folder."""
+    if stage == "anchors":
+        return pipe.anchors()
+    if stage == "encoder":
+        return pipe.fit_encoder(pipe.load("anchors"))
+    if stage == "bank":
+        return pipe.feature_bank(pipe.load("encoder"))
+    if stage == "samples":
+        return pipe.sample(pipe.load("bank"), pipe.load("anchors"))
+    if stage == "images":
+        return pipe.generate(pipe.load("samples"))
+    if stage == "classifier":
+        return pipe.train(pipe.load("images"))
+    report = pipe.evaluate(pipe.load("classifier"))
+    if pipe.config.method == "dream-id":
+        accuracy = pipe.generalization(pipe.load("classifier"))
+        print(json.dumps({name: round(100 * value, 2) for name, value in accuracy.items()}))
+    return report
+
+
+# ---- handlers ------------------------------------------------------------------------------------------------
+
+
+def _run_stages(args: argparse.Namespace) -> int:
+    from dreamood.pipeline import Pipeline
+
+    _check_distributed(args.stages, args.command)
+    config, data = _load(args)
+    pipe = Pipeline(config, data, force=args.stages if args.force else ())
+    pipe.write_config()
+    for stage in args.stages:
+        result = _execute(pipe, stage)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(_summary(stage, result))
+    return 0
+
+
+def _run_all(args: argparse.Namespace) -> int:
+    from dreamood.pipeline import STAGES, Pipeline
+
+    _check_distributed(STAGES, "run")
+    config, data = _load(args)
+    force = list(STAGES) if "all" in args.force else list(args.force)
+    pipe = Pipeline(config, data, force=force)
+    if args.dry_run:
+        print(json.dumps(config.to_dict(), indent=2))
+        for stage in STAGES:
+            state = "forced" if stage in pipe.force else "done" if pipe.is_done(stage) else "to do"
+            print(f"{stage:<11} {state:<6} {pipe.path(stage)}")
+        return 0
+    report = pipe.run()
+    print(report)
+    return 0
+
+
+def _run_demo(argv: Sequence[str]) -> int:
+    from dreamood.errors import DreamoodError
+
+    if importlib.util.find_spec("dreamood.demo") is None:
+        raise DreamoodError("the demo is not available in this installation (the module dreamood.demo is missing)")
+    import dreamood.demo as demo
+
+    hook = getattr(demo, "main", None)
+    if not callable(hook):
+        raise DreamoodError("dreamood.demo has no main(argv) entry point")
+    result = hook(list(argv))
+    return int(result) if isinstance(result, int) else 0
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    known = (ValueError, TypeError, FileNotFoundError, PermissionError, NotADirectoryError, FileExistsError)
+    from dreamood.errors import DreamoodError
+
+    if isinstance(error, (DreamoodError, *known)) and text:
+        return text
+    return f"{type(error).__name__}: {text} (run with --debug for the traceback)"
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(quiet: bool) -> Iterator[None]:
+    """Show dreamood's log messages on stderr (warnings only with ``quiet`` or off rank 0) during the command."""
+    level = logging.WARNING if quiet or int(os.environ.get("RANK", "0")) != 0 else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("dreamood")
+    saved = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+def _close_process_group() -> None:
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``dreamood`` command.
+
+    Args:
+        argv: The arguments (without the program name); ``None`` reads ``sys.argv``.
+
+    Returns:
+        The exit code: 0 on success, 1 on an error (reported in one line on stderr), 2 on a usage error,
+        130 when interrupted.
+    """
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["demo"]:
+        try:
+            return _run_demo(arguments[1:])
+        except Exception as error:
+            print(f"dreamood demo: error: {_one_line(error)}", file=sys.stderr)
+            return 1
+    parser = build_parser()
+    try:
+        args = parser.parse_args(arguments)
+    except SystemExit as exit_:  # --help, --version and usage errors
+        return int(exit_.code or 0) if isinstance(exit_.code, int) or exit_.code is None else 2
+    try:
+        with _logging_to_stderr(args.quiet):
+            return int(args.handler(args))
+    except KeyboardInterrupt:
+        print(f"dreamood {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        print(f"dreamood {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    finally:
+        _close_process_group()

@@ -1,0 +1,890 @@
+"""The whole DREAM-OOD method as a sequence of stages, each writing its artefact and skipped when it exists.
+
+Du, Sun, Zhu, Li, "Dream the Impossible: Outlier Imagination with Diffusion Models", NeurIPS 2023:
+
+============  ================================  =====================================================
+stage         artefact in ``output_dir``        what it does
+============  ================================  =====================================================
+anchors       ``anchors.safetensors``           class token embeddings T(y) of the text encoder
+encoder       ``encoder.pt``                    Phase 1: image encoder aligned with T(y) (Eq. 2)
+bank          ``feature_bank.safetensors``      L2-normalised training embeddings of the encoder
+samples       ``samples.safetensors``           Phase 2: k-NN boundary outliers (DREAM-ID: inliers)
+images        ``images/``                       Stable Diffusion renders the sampled embeddings (Eq. 6)
+classifier    ``classifier.pt``                 Phase 3: CE + beta * energy loss on the outliers (Eq. 7)
+report        ``report.json``, ``report.md``    FPR95, AUROC, AUPR, ID accuracy on the OOD test sets
+============  ================================  =====================================================
+
+A stage whose artefact exists is skipped and its artefact loaded, so an interrupted run resumes where it
+stopped (Phase 1, generation and Phase 3 also resume inside the stage, from their per-epoch checkpoints or
+the images already written). Every artefact is written atomically. A stage is redone when it is named in
+``force``; the artefacts after it are not touched, so force those too when an earlier stage changed.
+
+:func:`smoke_setup` builds a tiny configuration with random data and randomly initialised tiny models, so
+the whole wiring runs on a CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from dreamood._utils import resolve_device
+from dreamood.config import PipelineConfig
+from dreamood.io import atomic_write, load_checkpoint, save_checkpoint
+
+if TYPE_CHECKING:
+    from dreamood.anchors import TokenEmbeddings
+    from dreamood.encoder import TextConditionedEncoder
+    from dreamood.evaluation import OODReport
+    from dreamood.feature_bank import FeatureBank
+    from dreamood.models import Classifier, ResNetFeatures, SmallConvNet
+    from dreamood.protocols import EmbeddingDecoder
+    from dreamood.sampling.samples import EmbeddingSamples
+
+__all__ = [
+    "ARTIFACTS",
+    "STAGES",
+    "Pipeline",
+    "PipelineData",
+    "build_backbone",
+    "build_data",
+    "class_names_of",
+    "smoke_setup",
+]
+
+logger = logging.getLogger("dreamood.pipeline")
+
+#: The stages of a run, in order.
+STAGES: tuple[str, ...] = ("anchors", "encoder", "bank", "samples", "images", "classifier", "report")
+
+# Keys that do not change any artefact, so a change of them is not reported.
+_NEUTRAL_KEYS = frozenset({"progress", "data.num_workers", "output_dir"})
+
+#: The artefact of each stage, relative to the output folder.
+ARTIFACTS: dict[str, str] = {
+    "anchors": "anchors.safetensors",
+    "encoder": "encoder.pt",
+    "bank": "feature_bank.safetensors",
+    "samples": "samples.safetensors",
+    "images": "images",
+    "classifier": "classifier.pt",
+    "report": "report.json",
+}
+
+Transform = Callable[[Any], Any]
+
+
+@dataclass
+class PipelineData:
+    """The datasets of a run.
+
+    Attributes:
+        class_names: Names of the ID classes, indexed by label.
+        train: ID training set with the training augmentation (Phase 1 and Phase 3).
+        bank: ID training set with the test transform (the feature bank is built without augmentation).
+        test: ID test set.
+        ood: OOD test sets by name.
+        generated_transform: Transform of the generated images when they are read for training.
+        generalization: Extra labelled ID test sets (ImageNet-A, ImageNet-V2) whose accuracy DREAM-ID reports.
+    """
+
+    class_names: list[str]
+    train: Dataset[Any]
+    bank: Dataset[Any]
+    test: Dataset[Any]
+    ood: dict[str, Dataset[Any]]
+    generated_transform: Transform | None = None
+    generalization: dict[str, Dataset[Any]] = field(default_factory=dict)
+
+
+def _small_input(config: PipelineConfig) -> bool:
+    size = config.data.image_size or (224 if config.benchmark == "imagenet100" else 32)
+    return size <= 64
+
+
+def class_names_of(config: PipelineConfig) -> list[str]:
+    """The ID class names of a configuration, without loading any dataset.
+
+    Args:
+        config: The run's configuration.
+
+    Returns:
+        ``data.class_names`` when set; else the benchmark's bundled list (CIFAR-100 in label order, the paper's
+        ImageNet-100 in the paper's order); for ``folder``, the sorted class folder names of ``data.root/train``
+        with underscores read as spaces.
+
+    Raises:
+        FileNotFoundError: For ``folder``, ``data.root/train`` is missing.
+    """
+    from dreamood.data.classes import CIFAR100_CLASSES, IMAGENET100_CLASSES
+
+    if config.data.class_names is not None:
+        return list(config.data.class_names)
+    if config.benchmark == "cifar100":
+        return list(CIFAR100_CLASSES)
+    if config.benchmark == "imagenet100":
+        return list(IMAGENET100_CLASSES)
+    folder = Path(config.data.root).expanduser() / "train"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"class folder root not found: {folder} (expected data.root/train/<class>/...)")
+    return [entry.name.replace("_", " ") for entry in sorted(folder.iterdir()) if entry.is_dir()]
+
+
+def build_data(config: PipelineConfig) -> PipelineData:
+    """Build the datasets of ``config`` from disk, with the paper's transforms.
+
+    Args:
+        config: The run's configuration (``data`` section and ``benchmark``).
+
+    Returns:
+        The datasets.
+
+    Raises:
+        FileNotFoundError: A dataset folder or file is missing (the message names the expected layout).
+        ValueError: A dataset is malformed, or the class names do not match the data.
+    """
+    from dreamood.data.datasets import (
+        ImageListDataset,
+        ImageNet100,
+        ImageNetA,
+        ImageNetV2,
+        cifar100,
+        class_folder_dataset,
+    )
+    from dreamood.data.ood import ood_test_sets
+    from dreamood.data.transforms import get_transform
+
+    data, benchmark = config.data, config.benchmark
+    names = class_names_of(config)
+    train_t, test_t = (get_transform(benchmark, split, image_size=data.image_size) for split in ("train", "test"))
+    generated_t = get_transform(benchmark, "generated", image_size=data.image_size)
+    root = Path(data.root).expanduser()
+    generalization: dict[str, Dataset[Any]] = {}
+    if benchmark == "cifar100":
+        train = cifar100(root, True, train_t, download=data.download)
+        bank = cifar100(root, True, test_t)
+        test = cifar100(root, False, test_t)
+    elif benchmark == "imagenet100":
+        train = ImageNet100(root, "train", train_t)
+        bank = ImageListDataset(train.samples, test_t, classes=train.classes)
+        test = ImageNet100(root, "val", test_t)
+        if data.imagenet_a is not None:
+            generalization["ImageNet-A"] = ImageNetA(data.imagenet_a, test_t)
+        if data.imagenet_v2 is not None:
+            generalization["ImageNet-V2"] = ImageNetV2(data.imagenet_v2, test_t)
+    else:
+        train = class_folder_dataset(root / "train", train_t)
+        bank = ImageListDataset(train.samples, test_t, classes=train.classes)
+        test = class_folder_dataset(root / "test", test_t, classes=train.classes)
+    if len(names) != len(getattr(train, "classes", names)):
+        raise ValueError(f"data.class_names has {len(names)} names but the training set has {len(train.classes)}")
+    ood = ood_test_sets(benchmark, data.ood_root, test_t, names=data.ood_sets, paths=data.ood_paths)
+    return PipelineData(names, train, bank, test, ood, generated_t, generalization)
+
+
+def build_backbone(name: str, *, small_input: bool, seed: int | None = None) -> ResNetFeatures | SmallConvNet:
+    """A feature extractor with a ``feature_dim`` attribute.
+
+    Args:
+        name: ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` or ``"small"`` (:class:`~dreamood.models.SmallConvNet`
+            with 3 input channels and 64 features).
+        small_input: Use the 3x3 stride-1 stem of the ResNets (32x32 images).
+        seed: Seed of the weight initialisation.
+
+    Returns:
+        The backbone, mapping images to ``(N, feature_dim)``.
+
+    Raises:
+        ValueError: ``name`` is unknown.
+    """
+    from dreamood.models import SmallConvNet, resnet18, resnet34, resnet50
+
+    factories = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
+    if name == "small":
+        return SmallConvNet(3, 64, width=16, seed=seed)
+    if name not in factories:
+        raise ValueError(f"backbone must be one of {', '.join([*factories, 'small'])}, got {name!r}")
+    return factories[name](small_input=small_input, seed=seed)
+
+
+def _seed_global_rngs(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators, which random image transforms draw from."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002
+    torch.manual_seed(seed)
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class Pipeline:
+    """Run DREAM-OOD (or DREAM-ID) stage by stage from a :class:`~dreamood.config.PipelineConfig`.
+
+    Call the stages in order, passing each one's result to the next (what :meth:`run` does)::
+
+        pipe = Pipeline(load_config("cifar100"))
+        anchors = pipe.anchors()
+        encoder = pipe.fit_encoder(anchors)
+        bank = pipe.feature_bank(encoder)
+        samples = pipe.sample(bank, anchors)
+        images = pipe.generate(samples)
+        model = pipe.train(images)
+        report = pipe.evaluate(model)
+
+    A stage whose artefact exists in ``config.output_dir`` loads it instead of recomputing it; :meth:`load`
+    reads a stage's artefact without running anything.
+
+    Args:
+        config: The run's configuration.
+        data: The datasets; ``None`` builds them from ``config.data`` when a stage first needs them.
+        force: Stages to redo even when their artefact exists (names from :data:`STAGES`).
+        decoder_factory: Builds the image decoder (any :class:`~dreamood.protocols.EmbeddingDecoder`) from the
+            configuration and the class names; ``None`` loads Stable Diffusion (``generation.model``) with
+            :meth:`~dreamood.decoding.stable_diffusion.StableDiffusionDecoder.from_pretrained`.
+
+    Attributes:
+        config: The configuration.
+        output_dir: Where the artefacts are written.
+        device: The device stages run on.
+
+    Raises:
+        ValueError: A name in ``force`` is not a stage.
+    """
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        data: PipelineData | None = None,
+        *,
+        force: Sequence[str] = (),
+        decoder_factory: Callable[[PipelineConfig, list[str]], EmbeddingDecoder] | None = None,
+    ) -> None:
+        unknown = [stage for stage in force if stage not in STAGES]
+        if unknown:
+            raise ValueError(f"force names unknown stages {unknown}; the stages are {', '.join(STAGES)}")
+        self.config = config
+        self.output_dir = Path(config.output_dir).expanduser()
+        self.device = resolve_device(config.device)
+        self.force = frozenset(force)
+        self._data = data
+        self._decoder_factory = decoder_factory
+
+    # ---- bookkeeping ------------------------------------------------------------------------------------
+
+    @property
+    def data(self) -> PipelineData:
+        """The datasets (built from the configuration on first use when none were given)."""
+        if self._data is None:
+            self._data = build_data(self.config)
+        return self._data
+
+    @property
+    def class_names(self) -> list[str]:
+        """Names of the ID classes, indexed by label (read without loading the datasets)."""
+        return list(self._data.class_names) if self._data is not None else class_names_of(self.config)
+
+    def path(self, stage: str) -> Path:
+        """The artefact of ``stage`` (see :data:`ARTIFACTS`).
+
+        Args:
+            stage: A name from :data:`STAGES`.
+
+        Returns:
+            Its path inside the output folder.
+        """
+        if stage not in ARTIFACTS:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        return self.output_dir / ARTIFACTS[stage]
+
+    def is_done(self, stage: str) -> bool:
+        """Whether the artefact of ``stage`` exists (for ``images``: whether generation completed).
+
+        Args:
+            stage: A name from :data:`STAGES`.
+
+        Returns:
+            ``True`` when the stage would be skipped (unless forced).
+        """
+        if stage == "images":  # generate_images writes the manifest once every image exists
+            return (self.path("images") / "manifest.jsonl").is_file()
+        return self.path(stage).exists()
+
+    def _skip(self, stage: str) -> bool:
+        if stage in self.force or not self.is_done(stage):
+            return False
+        logger.info("[%s] skipped: %s exists", stage, self.path(stage))
+        return True
+
+    @contextmanager
+    def _stage(self, stage: str) -> Iterator[None]:
+        logger.info("[%s] running", stage)
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        logger.info("[%s] done in %.1f s: %s", stage, seconds, self.path(stage))
+        if _is_main_process():
+            self._record_time(stage, seconds)
+
+    def _record_time(self, stage: str, seconds: float) -> None:
+        path = self.output_dir / "timings.json"
+        timings = json.loads(path.read_text()) if path.is_file() else {}
+        timings[stage] = round(seconds, 3)
+        with atomic_write(path, "w") as handle:
+            handle.write(json.dumps(timings, indent=2))
+
+    def write_config(self) -> Path:
+        """Write the configuration to ``output_dir/config.json``, warning when it differs from the one there.
+
+        Returns:
+            The path written.
+        """
+        path = self.output_dir / "config.json"
+        current = self.config.to_dict()
+        if path.is_file():
+            previous = json.loads(path.read_text())
+            changed = sorted(set(_changed_keys(previous, current)) - _NEUTRAL_KEYS)
+            if changed:
+                logger.warning(
+                    "the configuration differs from the one of the artefacts in %s (%s); finished stages are not "
+                    "redone: force them or use another output_dir",
+                    self.output_dir,
+                    ", ".join(changed),
+                )
+        if _is_main_process():
+            with atomic_write(path, "w") as handle:
+                handle.write(json.dumps(current, indent=2))
+        return path
+
+    def _loader(self, dataset: Dataset[Any], batch_size: int, *, shuffle: bool) -> DataLoader[Any]:
+        generator = torch.Generator().manual_seed(self.config.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.config.data.num_workers,
+            generator=generator,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _new_encoder(self, anchors: TokenEmbeddings) -> TextConditionedEncoder:
+        from dreamood.encoder import TextConditionedEncoder
+
+        cfg = self.config.encoder
+        with torch.random.fork_rng(devices=[]):  # every initial weight, the projection's too, from the seed
+            torch.manual_seed(self.config.seed)
+            backbone = build_backbone(cfg.backbone, small_input=_small_input(self.config))
+            return TextConditionedEncoder(backbone, backbone.feature_dim, anchors, cfg.temperature)
+
+    def _new_classifier(self) -> Classifier:
+        from dreamood.models import Classifier
+
+        with torch.random.fork_rng(devices=[]):  # every initial weight, the head's too, from the seed
+            torch.manual_seed(self.config.seed)
+            backbone = build_backbone(self.config.training.backbone, small_input=_small_input(self.config))
+            return Classifier(backbone, len(self.class_names))
+
+    def load(self, stage: str) -> Any:
+        """Read the artefact of ``stage`` without running anything.
+
+        Args:
+            stage: A name from :data:`STAGES`.
+
+        Returns:
+            ``TokenEmbeddings``, ``TextConditionedEncoder`` (eval mode), ``FeatureBank``, ``EmbeddingSamples``,
+            the images folder, the ``Classifier`` (eval mode) or the ``OODReport``.
+
+        Raises:
+            FileNotFoundError: The artefact does not exist (the message names the command that makes it).
+        """
+        if not self.is_done(stage):
+            command = {"encoder": "fit-encoder", "bank": "fit-encoder", "samples": "sample", "images": "generate"}
+            made_by = command.get(stage, {"classifier": "train", "report": "evaluate"}.get(stage, stage))
+            raise FileNotFoundError(
+                f"the {stage} artefact {self.path(stage)} does not exist: run its stage first "
+                f"(`dreamood {made_by}` or `dreamood run`)"
+            )
+        path = self.path(stage)
+        if stage == "anchors":
+            from dreamood.anchors import TokenEmbeddings
+
+            return TokenEmbeddings.load(path)
+        if stage == "encoder":
+            encoder = self._new_encoder(self.load("anchors"))
+            encoder.load_state_dict(load_checkpoint(path)["model"])
+            return encoder.eval()
+        if stage == "bank":
+            from dreamood.feature_bank import FeatureBank
+
+            return FeatureBank.load(path)
+        if stage == "samples":
+            from dreamood.sampling.samples import EmbeddingSamples
+
+            return EmbeddingSamples.load(path)
+        if stage == "images":
+            return path
+        if stage == "classifier":
+            model = self._new_classifier()
+            model.load_state_dict(load_checkpoint(path)["model"])
+            return model.eval()
+        from dreamood.evaluation import OODReport
+
+        return OODReport.from_json(path)
+
+    # ---- the stages -------------------------------------------------------------------------------------
+
+    def anchors(self) -> TokenEmbeddings:
+        """Stage 1: the class anchors T(y), rows of the text encoder's input token-embedding table.
+
+        Returns:
+            The anchors, saved to ``anchors.safetensors``.
+        """
+        if self._skip("anchors"):
+            return self.load("anchors")  # type: ignore[no-any-return]
+        from dreamood.anchors import TokenEmbeddings
+
+        cfg = self.config.anchors
+        with self._stage("anchors"):
+            anchors = TokenEmbeddings.from_pretrained(
+                cfg.model, self.class_names, cfg.subword, local_files_only=cfg.local_files_only
+            )
+            anchors.save(self.path("anchors"))
+        return anchors
+
+    def fit_encoder(self, anchors: TokenEmbeddings) -> TextConditionedEncoder:
+        """Stage 2 (Phase 1): train the text-conditioned image encoder (paper Eq. 2).
+
+        Resumes from ``encoder/encoder_checkpoint.pt`` (written after every epoch) unless forced.
+
+        Args:
+            anchors: The class anchors.
+
+        Returns:
+            The trained encoder in eval mode, saved to ``encoder.pt``.
+        """
+        if self._skip("encoder"):
+            return self.load("encoder")  # type: ignore[no-any-return]
+        from dreamood.encoder import fit_encoder
+
+        cfg = self.config.encoder
+        encoder = self._new_encoder(anchors)
+        with self._stage("encoder"):
+            fit_encoder(
+                encoder,
+                self._loader(self.data.train, cfg.batch_size, shuffle=True),
+                cfg.epochs,
+                lr=cfg.lr,
+                momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay,
+                device=self.device,
+                amp_dtype=cfg.amp,
+                checkpoint_dir=self.output_dir / "encoder",
+                resume="encoder" not in self.force,
+                show_progress=self.config.progress,
+                seed=self.config.seed,
+            )
+            save_checkpoint(self.path("encoder"), {"model": encoder.state_dict()})
+        return encoder
+
+    def feature_bank(self, encoder: TextConditionedEncoder) -> FeatureBank:
+        """Stage 3: the L2-normalised training embeddings of the encoder, ``bank.per_class`` per class.
+
+        Args:
+            encoder: The trained encoder.
+
+        Returns:
+            The bank, saved to ``feature_bank.safetensors``.
+        """
+        if self._skip("bank"):
+            return self.load("bank")  # type: ignore[no-any-return]
+        from dreamood.feature_bank import FeatureBank
+
+        cfg = self.config.bank
+        with self._stage("bank"):
+            bank = FeatureBank.from_encoder(
+                encoder,
+                self._loader(self.data.bank, cfg.batch_size, shuffle=False),
+                num_classes=len(self.class_names),
+                max_per_class=cfg.per_class,
+                device=self.device,
+                show_progress=self.config.progress,
+            )
+            bank.save(self.path("bank"))
+        return bank
+
+    def sample(self, bank: FeatureBank, anchors: TokenEmbeddings) -> EmbeddingSamples:
+        """Stage 4 (Phase 2): outlier embeddings around each class's low-density boundary (paper Eq. 5).
+
+        With ``method = "dream-id"`` the sampler works in inlier mode (densest anchors, smallest distances).
+
+        Args:
+            bank: The feature bank.
+            anchors: The class anchors (the samples are rescaled to their norms).
+
+        Returns:
+            The samples, saved to ``samples.safetensors``.
+        """
+        if self._skip("samples"):
+            return self.load("samples")  # type: ignore[no-any-return]
+        from dreamood.sampling.knn_boundary import KNNBoundarySampler
+
+        cfg = self.config.sampler
+        with self._stage("samples"):
+            sampler = KNNBoundarySampler(
+                k=cfg.k,
+                boundary_size=cfg.boundary,
+                anchors_per_round=cfg.anchors_per_round,
+                candidates_per_anchor=cfg.candidates_per_anchor,
+                sigma=cfg.sigma,
+                keep_per_anchor=cfg.keep,
+                mode="inlier" if self.config.method == "dream-id" else "outlier",
+                seed=self.config.seed,
+                device=self.device,
+                show_progress=self.config.progress,
+            )
+            samples = sampler.sample(bank, anchors, cfg.num_per_class)
+            samples.save(self.path("samples"))
+        return samples
+
+    def generate(self, samples: EmbeddingSamples) -> Path:
+        """Stage 5: render the first ``generation.images_per_class`` samples of each class (paper Eq. 6).
+
+        Args:
+            samples: The sampled embeddings.
+
+        Returns:
+            The folder of generated images.
+        """
+        if self._skip("images"):
+            return self.path("images")
+        from dreamood.decoding.generation import generate_images
+
+        cfg = self.config.generation
+        device = self.device
+        if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per process
+        with self._stage("images"):
+            if self._decoder_factory is not None:
+                decoder = self._decoder_factory(self.config, self.class_names)
+            else:
+                decoder = _make_decoder(self.config, self.class_names, device)
+            generate_images(
+                decoder,
+                samples,
+                self.path("images"),
+                cfg.images_per_class,
+                batch_size=cfg.batch_size,
+                seed=self.config.seed,
+                show_progress=self.config.progress,
+                overwrite="images" in self.force,
+            )
+        return self.path("images")
+
+    def train(self, images: str | os.PathLike[str]) -> Classifier:
+        """Stage 6 (Phase 3): train the classifier with the generated images (paper Eq. 7).
+
+        DREAM-OOD: cross-entropy on the ID data plus ``beta`` times the energy regulariser with the generated
+        outliers. DREAM-ID: cross-entropy on the ID data and the generated inliers with their labels. Starts
+        from ``training.init_checkpoint``, or from a cross-entropy model trained first for
+        ``training.pretrain_epochs`` when that is positive. Resumes from ``classifier/checkpoint.pt``.
+
+        Args:
+            images: The folder of generated images.
+
+        Returns:
+            The trained classifier in eval mode, saved to ``classifier.pt``.
+        """
+        if self._skip("classifier"):
+            return self.load("classifier")  # type: ignore[no-any-return]
+        from dreamood.data.generated import GeneratedImageFolder
+        from dreamood.training import EnergyOODRegularizer, train_classifier
+
+        cfg = self.config.training
+        generated = GeneratedImageFolder(images, transform=self.data.generated_transform)
+        options: dict[str, Any] = {
+            "epochs": cfg.epochs,
+            "lr": cfg.lr,
+            "beta": cfg.beta,
+            "momentum": cfg.momentum,
+            "weight_decay": cfg.weight_decay,
+            "amp": cfg.amp,
+            "device": self.config.device,
+            "seed": self.config.seed,
+            "progress": self.config.progress,
+            "output_dir": self.output_dir / "classifier",
+            "resume": "classifier" not in self.force,
+        }
+        model = self._new_classifier()
+        id_loader = self._loader(self.data.train, cfg.batch_size, shuffle=True)
+        generated_loader = self._loader(generated, cfg.outlier_batch_size, shuffle=True)
+        with self._stage("classifier"):
+            _seed_global_rngs(self.config.seed)  # the image augmentations draw from the global generators
+            init = cfg.init_checkpoint
+            if init is None and cfg.pretrain_epochs > 0:
+                init = str(self._pretrain(id_loader, options))
+            if self.config.method == "dream-ood":
+                regularizer = EnergyOODRegularizer(cfg.head, cfg.hidden_dim, cfg.energy_temperature)
+                train_classifier(
+                    model,
+                    id_loader,
+                    outlier_loader=generated_loader,
+                    regularizer=regularizer,
+                    init_checkpoint=init,
+                    **options,
+                )
+            else:
+                train_classifier(
+                    model, id_loader, synthetic_id_loader=generated_loader, init_checkpoint=init, **options
+                )
+            if _is_main_process():
+                save_checkpoint(self.path("classifier"), {"model": model.state_dict()})
+        return model.eval()
+
+    def _pretrain(self, id_loader: DataLoader[Any], options: dict[str, Any]) -> Path:
+        """Train a cross-entropy classifier to start Phase 3 from (the paper's ImageNet-100 recipe)."""
+        path = self.output_dir / "pretrained.pt"
+        if path.is_file() and "classifier" not in self.force:
+            logger.info("[classifier] cross-entropy pre-training skipped: %s exists", path)
+            return path
+        from dreamood.training import train_classifier
+
+        cfg = self.config.training
+        logger.info("[classifier] cross-entropy pre-training for %d epochs", cfg.pretrain_epochs)
+        _seed_global_rngs(self.config.seed)
+        model = self._new_classifier()
+        pretrain = {**options, "epochs": cfg.pretrain_epochs, "lr": cfg.pretrain_lr, "beta": 0.0}
+        pretrain["output_dir"] = self.output_dir / "pretrain"
+        train_classifier(model, id_loader, **pretrain)
+        if _is_main_process():
+            save_checkpoint(path, model.state_dict())
+        return path
+
+    def evaluate(self, model: nn.Module) -> OODReport:
+        """Stage 7: FPR95, AUROC, AUPR of the negative energy and the ID accuracy, per OOD test set.
+
+        Args:
+            model: The trained classifier.
+
+        Returns:
+            The report, saved to ``report.json`` and ``report.md``.
+        """
+        if self._skip("report"):
+            return self.load("report")  # type: ignore[no-any-return]
+        from functools import partial
+
+        from dreamood.evaluation import OODEvaluator, energy_score
+
+        cfg = self.config.evaluation
+        evaluator = OODEvaluator(
+            partial(energy_score, temperature=self.config.training.energy_temperature),
+            model=model.to(self.device),
+            protocol=cfg.protocol,
+            repeats=cfg.repeats,
+            seed=self.config.seed,
+            device=self.device,
+            progress=self.config.progress,
+        )
+        with self._stage("report"):
+            ood = {
+                name: self._loader(dataset, cfg.batch_size, shuffle=False) for name, dataset in self.data.ood.items()
+            }
+            report = evaluator.evaluate(self._loader(self.data.test, cfg.batch_size, shuffle=False), ood)
+            report.to_json(self.path("report"))
+            with atomic_write(self.output_dir / "report.md", "w") as handle:
+                handle.write(report.to_markdown() + "\n")
+        return report
+
+    @torch.no_grad()
+    def generalization(self, model: nn.Module) -> dict[str, float]:
+        """Top-1 accuracy on the ID test set and on each generalisation set (ImageNet-A, ImageNet-V2).
+
+        DREAM-ID reports these to show that generated inliers improve generalisation.
+
+        Args:
+            model: The trained classifier.
+
+        Returns:
+            Accuracy (a fraction) by set name, also saved to ``generalization.json``.
+        """
+        model = model.to(self.device).eval()
+        sets = {"ID test": self.data.test, **self.data.generalization}
+        accuracy: dict[str, float] = {}
+        for name, dataset in sets.items():
+            correct = seen = 0
+            for images, labels in self._loader(dataset, self.config.evaluation.batch_size, shuffle=False):
+                predictions = model(images.to(self.device)).argmax(dim=1).cpu()
+                correct += int((predictions == torch.as_tensor(labels)).sum())
+                seen += len(predictions)
+            accuracy[name] = correct / max(seen, 1)
+            logger.info("[generalization] %s: top-1 accuracy %.2f%%", name, 100 * accuracy[name])
+        with atomic_write(self.output_dir / "generalization.json", "w") as handle:
+            handle.write(json.dumps(accuracy, indent=2))
+        return accuracy
+
+    def run(self) -> OODReport:
+        """Run every stage in order (skipping those already done) and return the evaluation report.
+
+        Returns:
+            The OOD report.
+        """
+        self.write_config()
+        anchors = self.anchors()
+        encoder = self.fit_encoder(anchors)
+        bank = self.feature_bank(encoder)
+        samples = self.sample(bank, anchors)
+        images = self.generate(samples)
+        model = self.train(images)
+        report = self.evaluate(model)
+        if self.config.method == "dream-id":
+            self.generalization(model)
+        return report
+
+
+def _make_decoder(config: PipelineConfig, class_names: list[str], device: torch.device) -> Any:
+    """Stable Diffusion with the configuration's generation settings (safety checker off, see the decoder)."""
+    from dreamood.decoding.stable_diffusion import StableDiffusionDecoder
+
+    cfg = config.generation
+    return StableDiffusionDecoder.from_pretrained(
+        cfg.model,
+        class_names,
+        torch_dtype=cfg.dtype,
+        device=device,
+        scheduler=cfg.scheduler,
+        local_files_only=cfg.local_files_only,
+        prompt_template=cfg.prompt,
+        num_inference_steps=cfg.steps,
+        guidance_scale=cfg.guidance_scale,
+        height=cfg.height,
+        width=cfg.width,
+        output_size=cfg.save_size,
+        progress=config.progress,
+    )
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            yield from _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+    elif old != new:
+        yield prefix.rstrip(".")
+
+
+# ---- smoke runs ---------------------------------------------------------------------------------------------
+
+_SMOKE_CLASSES: dict[str, list[str]] = {
+    "cifar100": ["apple", "bird", "cat", "dog"],
+    "imagenet100": ["bird", "frog", "horse", "ship"],
+    "folder": ["car", "deer", "plane", "truck"],
+}
+
+
+def smoke_setup(
+    config: PipelineConfig,
+    output_dir: str | os.PathLike[str],
+    *,
+    per_class: int = 24,
+    image_size: int = 32,
+    model_dir: str | os.PathLike[str] | None = None,
+) -> tuple[PipelineConfig, PipelineData]:
+    """Shrink ``config`` to a run that checks the whole wiring on a CPU in seconds, with random data.
+
+    Every stage runs as in a real run, through the same code, but with a tiny randomly initialised Stable
+    Diffusion (saved to ``model_dir`` and loaded back from there, like real weights), four classes of random
+    images (one random prototype per class plus noise), two random OOD sets, a small CNN, a few epochs and a
+    few generated images per class. The OOD numbers it produces mean nothing; the classifier does learn the
+    four classes.
+
+    Args:
+        config: The configuration to shrink (its benchmark, method and seed are kept).
+        output_dir: Folder of the smoke run.
+        per_class: Random training images per class.
+        image_size: Side of the random images.
+        model_dir: Folder of the tiny Stable Diffusion, written when it does not hold one yet; default
+            ``output_dir/tiny-stable-diffusion``.
+
+    Returns:
+        The shrunk configuration and the random datasets.
+    """
+    from torch.utils.data import TensorDataset
+
+    from dreamood.data.transforms import get_transform
+    from dreamood.testing import tiny_stable_diffusion_pipeline, write_tiny_clip_tokenizer
+
+    root = Path(output_dir).expanduser()
+    model = root / "tiny-stable-diffusion" if model_dir is None else Path(model_dir).expanduser()
+    if not (model / "model_index.json").is_file():
+        with tempfile.TemporaryDirectory() as scratch:
+            tiny_stable_diffusion_pipeline(scratch).save_pretrained(str(model))
+        # Newer transformers save only tokenizer.json; SD v1.x folders also hold vocab.json and merges.txt.
+        write_tiny_clip_tokenizer(model / "tokenizer")
+    names = _SMOKE_CLASSES[config.benchmark]
+    keep = 1 if config.method == "dream-id" else 2
+    small = config.replace(
+        **{
+            "output_dir": str(root),
+            "device": "cpu",
+            "data.class_names": names,
+            "data.image_size": image_size,
+            "data.num_workers": 0,
+            "anchors.model": str(model),
+            "encoder.backbone": "small",
+            "encoder.epochs": 3,
+            "encoder.batch_size": 16,
+            "bank.per_class": 16,
+            "bank.batch_size": 32,
+            "sampler.k": 4,
+            "sampler.boundary": 8,
+            "sampler.anchors_per_round": 4,
+            "sampler.candidates_per_anchor": 32,
+            "sampler.keep": keep,
+            "sampler.num_per_class": 8,
+            "generation.model": str(model),
+            "generation.steps": 2,
+            "generation.height": 64,
+            "generation.width": 64,
+            "generation.save_size": image_size,
+            "generation.images_per_class": 4,
+            "generation.batch_size": 8,
+            "generation.dtype": "fp32",
+            "training.backbone": "small",
+            "training.epochs": 6,
+            "training.batch_size": 16,
+            "training.outlier_batch_size": 8,
+            "training.init_checkpoint": None,
+            "training.pretrain_epochs": min(config.training.pretrain_epochs, 1),
+            "evaluation.repeats": 2,
+            "evaluation.batch_size": 64,
+        }
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    shape = (3, image_size, image_size)
+    prototypes = torch.randn(len(names), *shape, generator=generator)
+
+    def labelled(count: int) -> TensorDataset:
+        labels = torch.arange(len(names)).repeat_interleave(count)
+        return TensorDataset(prototypes[labels] + 0.8 * torch.randn(len(labels), *shape, generator=generator), labels)
+
+    train, test = labelled(per_class), labelled(max(per_class // 2, 3))
+    ood: dict[str, Dataset[Any]] = {
+        "Gaussian noise": TensorDataset(2.0 * torch.randn(40, *shape, generator=generator)),
+        "Uniform noise": TensorDataset(4.0 * torch.rand(40, *shape, generator=generator) - 2.0),
+    }
+    generated_transform = get_transform(config.benchmark, "generated", image_size=image_size)
+    return small, PipelineData(names, train, train, test, ood, generated_transform)

@@ -1,0 +1,235 @@
+"""The ``dreamood`` command: help, one-line errors, exit codes, and every stage subcommand on a tiny run."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import dreamood
+from dreamood.cli import main
+from dreamood.config import PipelineConfig
+from dreamood.pipeline import STAGES, smoke_setup
+
+STAGE_COMMANDS = ("anchors", "fit-encoder", "sample", "generate", "train", "evaluate")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny random Stable Diffusion folder for the whole session (written by the smoke setup)."""
+    model = tmp_path_factory.getbasetemp() / "dreamood-tiny-sd"
+    smoke_setup(PipelineConfig(), tmp_path_factory.mktemp("unused"), model_dir=model)
+    return model
+
+
+def _run_dir(root: Path, tiny_sd: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    link = root / "tiny-stable-diffusion"
+    if not link.exists():
+        link.symlink_to(tiny_sd, target_is_directory=True)
+    return root
+
+
+def _smoke(command: str, out: Path, *extra: str) -> list[str]:
+    return [command, "--smoke", "--output-dir", str(out), "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def staged_run(tmp_path_factory: pytest.TempPathFactory, tiny_sd: Path) -> dict[str, object]:
+    """Every stage subcommand in order on a smoke run, with what each printed and returned."""
+    out = _run_dir(tmp_path_factory.mktemp("cli") / "run", tiny_sd)
+    results: dict[str, object] = {"out": out}
+    # "sample" runs once too early (its bank does not exist yet) and once in its place.
+    for command in ("anchors", "sample", *STAGE_COMMANDS[1:]):
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main(_smoke(command, out, "-q"))
+        key = command if command not in results else f"{command}-again"
+        results[key] = (code, stdout.getvalue(), stderr.getvalue())
+    return results
+
+
+def test_help_in_a_real_process() -> None:
+    result = subprocess.run([sys.executable, "-m", "dreamood", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for command in (*STAGE_COMMANDS, "run", "demo"):
+        assert command in result.stdout
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"dreamood {dreamood.__version__}"
+
+
+@pytest.mark.parametrize("command", [*STAGE_COMMANDS, "run"])
+def test_every_subcommand_explains_its_options(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    for option in ("--config", "--set KEY=VALUE", "--output-dir", "--smoke", "--force", "--debug"):
+        assert option in text, (command, option)
+
+
+def test_stage_commands_run_in_order_and_write_their_artefacts(staged_run: dict[str, object]) -> None:
+    out = staged_run["out"]
+    assert isinstance(out, Path)
+    code, _, stderr = staged_run["sample"]  # type: ignore[misc]
+    assert code == 1
+    assert stderr.strip().splitlines() == [
+        f"dreamood sample: error: the bank artefact {out / 'feature_bank.safetensors'} does not exist: run its "
+        "stage first (`dreamood fit-encoder` or `dreamood run`)"
+    ]
+    expected_output = {
+        "anchors": ["anchors: 4 classes, dimension 32"],
+        "fit-encoder": ["encoder: SmallConvNet -> 32-d embeddings", "feature bank: 64 embeddings of 4 classes"],
+        "sample-again": ["samples: 32 embeddings (outlier mode)"],
+        "generate": [f"images: {out / 'images'}"],
+        "train": ["classifier: SmallConvNet, 4 classes"],
+    }
+    for command, lines in expected_output.items():
+        code, stdout, stderr = staged_run[command]  # type: ignore[misc]
+        assert code == 0, stderr
+        assert stdout.strip().splitlines() == lines
+    code, stdout, _ = staged_run["evaluate"]  # type: ignore[misc]
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [row["name"] for row in report["rows"]] == ["Gaussian noise", "Uniform noise"]
+    assert "Gaussian noise" in stdout and "FPR95 (ID+)" in stdout
+    for stage in STAGES:
+        assert (out / ("images/manifest.jsonl" if stage == "images" else _artifact(stage))).exists()
+
+
+def _artifact(stage: str) -> str:
+    from dreamood.pipeline import ARTIFACTS
+
+    return ARTIFACTS[stage]
+
+
+def test_run_after_the_stages_skips_everything(
+    staged_run: dict[str, object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = staged_run["out"]
+    assert isinstance(out, Path)
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    assert main(_smoke("run", out, "--dry-run")) == 0
+    status = capsys.readouterr().out
+    for stage in STAGES:
+        assert any(line.split()[:2] == [stage, "done"] for line in status.splitlines()), stage
+    assert main(_smoke("run", out)) == 0
+    captured = capsys.readouterr()
+    for stage in STAGES:
+        assert f"[{stage}] skipped" in captured.err
+    assert "running" not in captured.err
+    _, evaluate_stdout, _ = staged_run["evaluate"]  # type: ignore[misc]
+    assert captured.out == evaluate_stdout
+    assert before == {p: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+
+
+def test_force_redoes_only_that_stage(staged_run: dict[str, object], capsys: pytest.CaptureFixture[str]) -> None:
+    out = staged_run["out"]
+    assert isinstance(out, Path)
+    anchors_time = (out / "anchors.safetensors").stat().st_mtime_ns
+    report_before = (out / "report.json").read_text()
+    assert main(_smoke("evaluate", out, "--force")) == 0
+    captured = capsys.readouterr()
+    assert "[report] running" in captured.err and "[anchors]" not in captured.err
+    assert (out / "anchors.safetensors").stat().st_mtime_ns == anchors_time
+    assert (out / "report.json").read_text() == report_before  # deterministic evaluation
+
+
+def _error_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()
+
+
+def test_errors_are_one_line_with_exit_code_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--config", str(tmp_path / "missing.toml")]) == 1
+    assert _error_lines(capsys) == [f"dreamood train: error: configuration file not found: {tmp_path / 'missing.toml'}"]
+    assert main(["anchors", "--set", "training.epoch=3"]) == 1
+    (line,) = _error_lines(capsys)
+    assert "unknown key 'training.epoch' in overrides (did you mean 'training.epochs'?)" in line
+    assert main(["anchors", "--set", "training.epochs"]) == 1
+    assert _error_lines(capsys) == [
+        "dreamood anchors: error: --set expects KEY=VALUE (e.g. training.epochs=10), got 'training.epochs'"
+    ]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[sampler]\nsigma = 'wide'\n")
+    assert main(["run", "--config", str(bad)]) == 1
+    (line,) = _error_lines(capsys)
+    assert line.startswith("dreamood run: error: ") and "sampler.sigma must be a number, got str 'wide'" in line
+    data_root = tmp_path / "no-cifar"
+    assert main(["fit-encoder", "--output-dir", str(tmp_path / "run"), "--set", f"data.root={data_root}"]) == 1
+    (line,) = _error_lines(capsys)
+    assert "the anchors artefact" in line and "`dreamood anchors`" in line
+
+
+def test_usage_errors_exit_2_and_debug_shows_the_exception(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["nonsense"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert main([]) == 2
+    capsys.readouterr()
+    with pytest.raises(FileNotFoundError, match="configuration file not found"):
+        main(["train", "--debug", "--config", str(tmp_path / "missing.toml")])
+
+
+def test_unexpected_errors_name_their_type(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import dreamood.cli as cli
+
+    def broken(args: object) -> int:
+        raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+
+    monkeypatch.setattr(cli, "_run_all", broken)
+    assert main(["run", "--dry-run"]) == 1
+    assert _error_lines(capsys) == [
+        "dreamood run: error: RuntimeError: CUDA out of memory. Tried to allocate 2 GiB (run with --debug for the "
+        "traceback)"
+    ]
+
+
+def test_only_train_and_generate_run_under_torchrun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for command in ("anchors", "run", "evaluate"):
+        assert main([command, "--output-dir", str(tmp_path)]) == 1
+        (line,) = _error_lines(capsys)
+        assert "under torchrun only `train` and `generate` are supported" in line
+
+
+def test_demo_is_loaded_lazily(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.machinery
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "dreamood.demo" else real_find_spec(name, *a)
+    )
+    assert main(["demo", "--port", "1"]) == 1
+    assert _error_lines(capsys) == [
+        "dreamood demo: error: the demo is not available in this installation (the module dreamood.demo is missing)"
+    ]
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    seen: list[list[str]] = []
+    fake = types.ModuleType("dreamood.demo")
+    fake.__spec__ = importlib.machinery.ModuleSpec("dreamood.demo", None)
+    fake.main = lambda argv: seen.append(argv) or 3  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "dreamood.demo", fake)
+    monkeypatch.setattr(dreamood, "demo", fake, raising=False)
+    assert main(["demo", "--help", "--port", "8000"]) == 3
+    assert seen == [["--help", "--port", "8000"]]

@@ -1,0 +1,260 @@
+"""The two example pipelines (smoke runs), resuming, determinism, and a run from a config file on real folders."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dreamood.anchors import TokenEmbeddings
+from dreamood.cli import main as cli_main
+from dreamood.config import PipelineConfig, load_config
+from dreamood.evaluation import OODReport
+from dreamood.pipeline import STAGES, Pipeline, build_data, class_names_of, smoke_setup
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = tmp_path_factory.getbasetemp() / "dreamood-tiny-sd"
+    smoke_setup(PipelineConfig(), tmp_path_factory.mktemp("unused"), model_dir=model)
+    return model
+
+
+def _run_dir(root: Path, tiny_sd: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "tiny-stable-diffusion").symlink_to(tiny_sd, target_is_directory=True)
+    return root
+
+
+def _example(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_example(name: str, *argv: str) -> str:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert _example(name).main(list(argv)) == 0
+    return stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cifar_run(tmp_path_factory: pytest.TempPathFactory, tiny_sd: Path) -> tuple[Path, str]:
+    out = _run_dir(tmp_path_factory.mktemp("cifar") / "run", tiny_sd)
+    return out, _run_example("cifar100_pipeline", "--smoke", "--out", str(out), "--no-progress")
+
+
+def _smoke_pipeline(out: Path, name: str = "cifar100", **force: object) -> Pipeline:
+    config, data = smoke_setup(load_config(name, {"progress": False}), out)
+    return Pipeline(config, data, **force)  # type: ignore[arg-type]
+
+
+def test_cifar100_smoke_writes_every_artefact_and_prints_the_report(cifar_run: tuple[Path, str]) -> None:
+    out, printed = cifar_run
+    for stage in STAGES:
+        assert Pipeline(load_config("cifar100", {"output_dir": str(out)})).is_done(stage), stage
+    report = OODReport.from_json(out / "report.json")
+    assert report.to_markdown() in printed
+    assert set(json.loads((out / "timings.json").read_text())) == set(STAGES)
+    # The four random classes are easy: the classifier must have learnt them (chance is 25%).
+    assert report.id_accuracy is not None and report.id_accuracy > 0.6
+    history = json.loads((out / "classifier" / "metrics.json").read_text())["history"]
+    assert all(epoch["ood_steps"] == epoch["steps"] > 0 for epoch in history)  # DREAM-OOD: outliers every step
+
+
+def test_anchors_are_the_rows_of_the_token_embedding_table(cifar_run: tuple[Path, str], tiny_sd: Path) -> None:
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    out, _ = cifar_run
+    anchors = TokenEmbeddings.load(out / "anchors.safetensors")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tiny_sd / "tokenizer"), local_files_only=True)
+    table = CLIPTextModel.from_pretrained(str(tiny_sd / "text_encoder"), local_files_only=True).get_input_embeddings()
+    for name, vector in zip(anchors.class_names, anchors.vectors):
+        (token,) = tokenizer(name, add_special_tokens=False)["input_ids"]
+        assert torch.equal(vector, table.weight[token].detach())
+
+
+def test_bank_and_samples_follow_the_configuration(cifar_run: tuple[Path, str]) -> None:
+    out, _ = cifar_run
+    pipe = _smoke_pipeline(out)
+    encoder, bank, samples = pipe.load("encoder"), pipe.load("bank"), pipe.load("samples")
+    anchors = pipe.load("anchors")
+    per_class, classes = pipe.config.bank.per_class, len(pipe.class_names)
+    assert bank.class_counts.tolist() == [per_class] * classes
+    # The bank holds the first per_class training images of each class, embedded without augmentation.
+    images, labels = pipe.data.bank.tensors  # type: ignore[attr-defined]
+    rows = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(classes)])
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(encoder.embed(images[rows]).double(), dim=1)
+    order = torch.argsort(bank.labels, stable=True)
+    assert torch.allclose(bank.embeddings[order].double(), expected, atol=1e-5)
+    assert torch.allclose(bank.embeddings.double().norm(dim=1), torch.ones(len(bank), dtype=torch.float64), atol=1e-6)
+    assert len(samples) == classes * pipe.config.sampler.num_per_class
+    assert samples.config["mode"] == "outlier" and samples.config["sigma"] == pipe.config.sampler.sigma
+    norms = samples.vectors.double().norm(dim=1)
+    assert torch.allclose(norms, anchors.norms.double()[samples.labels], rtol=1e-5)
+
+
+def test_generated_images_are_per_class_at_the_saved_size(cifar_run: tuple[Path, str]) -> None:
+    out, _ = cifar_run
+    config = load_config("cifar100")
+    records = [json.loads(line) for line in (out / "images" / "manifest.jsonl").read_text().splitlines()]
+    counts = np.bincount([r["class_index"] for r in records])
+    assert counts.tolist() == [4, 4, 4, 4]
+    assert len({r["seed"] for r in records}) == len(records)
+    for record in records:
+        with Image.open(out / "images" / record["path"]) as image:
+            assert image.size == (32, 32) and image.mode == "RGB"
+    assert config.generation.save_size == 256  # the paper's size; the smoke run saves at the ID size
+
+
+def test_a_second_run_skips_every_stage(cifar_run: tuple[Path, str], caplog: pytest.LogCaptureFixture) -> None:
+    out, printed = cifar_run
+    files = [p for p in out.rglob("*") if p.is_file() and "tiny-stable-diffusion" not in p.parts]
+    files = [p for p in files if p.name not in ("timings.json", "config.json")]
+    before = {p: p.stat().st_mtime_ns for p in files}
+    with caplog.at_level(logging.INFO, logger="dreamood"):
+        again = _run_example("cifar100_pipeline", "--smoke", "--out", str(out), "--no-progress")
+    assert again == printed
+    messages = [record.getMessage() for record in caplog.records]
+    assert [m.split("]")[0] + "]" for m in messages if "skipped" in m] == [f"[{stage}]" for stage in STAGES]
+    assert not [m for m in messages if "running" in m]
+    assert before == {p: p.stat().st_mtime_ns for p in files}
+
+
+def test_same_seed_same_artefacts_through_the_cli(cifar_run: tuple[Path, str], tmp_path: Path, tiny_sd: Path) -> None:
+    out, _ = cifar_run
+    other = _run_dir(tmp_path / "cli", tiny_sd)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli_main(["run", "--smoke", "--output-dir", str(other), "--no-progress", "-q"]) == 0
+    assert (other / "report.json").read_text() == (out / "report.json").read_text()
+    for name in ("anchors.safetensors", "feature_bank.safetensors", "samples.safetensors", "images/manifest.jsonl"):
+        assert (other / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_force_and_config_changes(cifar_run: tuple[Path, str], caplog: pytest.LogCaptureFixture) -> None:
+    out, _ = cifar_run
+    with pytest.raises(ValueError, match="force names unknown stages"):
+        _smoke_pipeline(out, force=["sampling"])
+    pipe = _smoke_pipeline(out, force=["report"])
+    anchors_time = (out / "anchors.safetensors").stat().st_mtime_ns
+    report = (out / "report.json").read_text()
+    with caplog.at_level(logging.INFO, logger="dreamood"):
+        pipe.run()
+    assert "[report] running" in caplog.text and "[anchors] skipped" in caplog.text
+    assert (out / "anchors.safetensors").stat().st_mtime_ns == anchors_time
+    assert (out / "report.json").read_text() == report
+    caplog.clear()
+    changed = Pipeline(pipe.config.replace(**{"sampler.sigma": 0.5, "progress": True}))
+    with caplog.at_level(logging.WARNING, logger="dreamood"):
+        changed.write_config()
+    assert "differs" in caplog.text and "sampler.sigma" in caplog.text and "progress" not in caplog.text
+
+
+def test_missing_artefacts_and_data_give_clear_errors(tmp_path: Path) -> None:
+    pipe = Pipeline(load_config("cifar100", {"output_dir": str(tmp_path), "data.root": str(tmp_path / "nothing")}))
+    with pytest.raises(FileNotFoundError, match=r"feature_bank.safetensors does not exist.*`dreamood fit-encoder`"):
+        pipe.load("bank")
+    assert len(pipe.class_names) == 100  # read without touching the data
+    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
+        _ = pipe.data
+    with pytest.raises(ValueError, match="stage must be one of"):
+        pipe.path("bogus")
+
+
+def test_imagenet100_dream_id_smoke(tmp_path: Path, tiny_sd: Path) -> None:
+    out = _run_dir(tmp_path / "run", tiny_sd)
+    printed = _run_example(
+        "imagenet100_pipeline", "--smoke", "--method", "dream-id", "--out", str(out), "--no-progress"
+    )
+    pipe = _smoke_pipeline(out, "imagenet100-dream-id")
+    samples = pipe.load("samples")
+    assert samples.config["mode"] == "inlier" and samples.config["keep_per_anchor"] == 1
+    history = json.loads((out / "classifier" / "metrics.json").read_text())["history"]
+    assert all(epoch["ood_steps"] == 0 for epoch in history)  # DREAM-ID: no outlier loss
+    accuracy = json.loads((out / "generalization.json").read_text())
+    report = OODReport.from_json(out / "report.json")
+    assert accuracy["ID test"] == pytest.approx(report.id_accuracy)
+    assert f"ID test: top-1 accuracy {100 * accuracy['ID test']:.2f}%" in printed
+
+
+def test_imagenet100_dream_ood_smoke_pretrains_then_fine_tunes(tmp_path: Path, tiny_sd: Path) -> None:
+    out = _run_dir(tmp_path / "run", tiny_sd)
+    _run_example("imagenet100_pipeline", "--smoke", "--out", str(out), "--no-progress")
+    config = json.loads((out / "config.json").read_text())
+    assert config["training"]["head"] == "mlp" and config["training"]["pretrain_epochs"] == 1
+    assert (out / "pretrained.pt").is_file()
+    pretrain = json.loads((out / "pretrain" / "metrics.json").read_text())
+    assert pretrain["config"]["lr"] == config["training"]["pretrain_lr"]
+    assert all(epoch["ood_steps"] == 0 for epoch in pretrain["history"])
+    finetune = json.loads((out / "classifier" / "metrics.json").read_text())
+    assert finetune["config"]["init_checkpoint"] == str(out / "pretrained.pt")
+    assert finetune["config"]["lr"] == config["training"]["lr"] == 0.001
+
+
+def _png(path: Path, seed: int, size: int = 40) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+
+
+def test_run_from_a_config_file_on_class_folders(tmp_path: Path, tiny_sd: Path) -> None:
+    data = tmp_path / "data"
+    for split, count in (("train", 12), ("test", 5)):
+        for label, name in enumerate(("cat", "dog")):
+            for i in range(count):
+                _png(data / split / name / f"{i}.png", seed=100 * label + i + (0 if split == "train" else 50))
+    for i in range(6):
+        _png(tmp_path / "noise" / "nested" / f"{i}.jpg", seed=1000 + i, size=20)
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(
+        f"""
+benchmark: folder
+output_dir: {tmp_path / "run"}
+device: cpu
+progress: false
+data: {{root: {data}, ood_paths: {{Noise: {tmp_path / "noise"}}}, num_workers: 0}}
+anchors: {{model: {tiny_sd}}}
+encoder: {{backbone: small, epochs: 1, batch_size: 8}}
+bank: {{per_class: 10}}
+sampler: {{k: 3, boundary: 4, anchors_per_round: 2, candidates_per_anchor: 16, keep: 1, num_per_class: 3}}
+generation: {{model: {tiny_sd}, steps: 1, height: 64, width: 64, save_size: 32, images_per_class: 2, dtype: fp32}}
+training: {{backbone: small, epochs: 1, batch_size: 8, outlier_batch_size: 4}}
+evaluation: {{protocol: full}}
+"""
+    )
+    config = load_config(config_file)
+    assert class_names_of(config) == ["cat", "dog"]
+    datasets = build_data(config)
+    assert len(datasets.train) == 24 and len(datasets.test) == 10 and len(datasets.ood["Noise"]) == 6
+    assert datasets.test[0][0].shape == (3, 32, 32)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert cli_main(["run", "--config", str(config_file), "-q"]) == 0
+    report = OODReport.from_json(tmp_path / "run" / "report.json")
+    assert report.names == ["Noise"] and report.n_id == 10 and report["Noise"].n_ood == 6
+    assert "Noise" in stdout.getvalue()
+    assert len(list((tmp_path / "run" / "images").rglob("*.png"))) == 4
