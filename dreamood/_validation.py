@@ -6,6 +6,7 @@ message that names the argument, so errors surface at the boundary instead of de
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,9 +59,18 @@ def check_finite(tensor: Tensor, name: str) -> None:
 
 
 def check_positive(value: float, name: str, *, allow_zero: bool = False) -> None:
-    """Raise ``ValueError`` unless ``value`` is a finite number > 0 (or >= 0 with ``allow_zero``)."""
-    ok = value >= 0 if allow_zero else value > 0
-    if not ok or value != value or value in (float("inf"), float("-inf")):
+    """Raise ``ValueError`` unless ``value`` is a finite number > 0 (or >= 0 with ``allow_zero``).
+
+    A value that is not a real number (a string, ``None``, a bool) raises ``TypeError`` naming ``name``.
+    """
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}") from None
+    ok = number >= 0 if allow_zero else number > 0
+    if not ok or not math.isfinite(number):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 

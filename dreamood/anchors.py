@@ -8,6 +8,7 @@ Imagination with Diffusion Models", NeurIPS 2023).
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -254,6 +255,8 @@ _LAYOUTS = (
 
 def _load_tokenizer_and_text_encoder(name: str, local_files_only: bool) -> tuple[Any, Any]:
     """Load a ``CLIPTokenizer`` and ``CLIPTextModel`` from a Stable Diffusion or a CLIP text model layout."""
+    from safetensors import SafetensorError
+
     try:
         root = resolve_pretrained(name, ("tokenizer", "text_encoder"), local_files_only=local_files_only)
         subfolders: tuple[str, str] | None = ("tokenizer", "text_encoder")
@@ -279,7 +282,7 @@ def _load_tokenizer_and_text_encoder(name: str, local_files_only: bool) -> tuple
             except OSError:
                 return _load_pair(root, root, local_files_only)
         return _load_pair(root, root, local_files_only)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as error:
         raise ModelNotFoundError(
             f"could not load the tokenizer and text encoder of {name!r} (from {root!r}): {error}. Expected {_LAYOUTS}. "
             "Download the model once on a machine with network access (e.g. `huggingface-cli download "

@@ -31,7 +31,7 @@ from dreamood._validation import (
 )
 from dreamood.anchors import TokenEmbeddings
 from dreamood.errors import ArtifactError, NonFiniteError
-from dreamood.io import load_checkpoint, save_checkpoint
+from dreamood.io import load_checkpoint, remove_temporaries, save_checkpoint
 
 __all__ = ["CHECKPOINT_NAME", "EncoderHistory", "TextConditionedEncoder", "fit_encoder"]
 
@@ -301,6 +301,8 @@ def fit_encoder(
     history = EncoderHistory()
     start_epoch = 0
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    if checkpoint is not None:
+        remove_temporaries(checkpoint)  # left by a process killed while writing the checkpoint
     if resume and checkpoint is not None and checkpoint.is_file():
         start_epoch = _restore(
             checkpoint, encoder, optimizer, scheduler, scaler, history, train_loader, steps_per_epoch

@@ -10,6 +10,8 @@ half-written artefact under the final name.
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import json
 import os
 import tempfile
@@ -26,6 +28,7 @@ __all__ = [
     "atomic_write",
     "load_artifact",
     "load_checkpoint",
+    "remove_temporaries",
     "save_artifact",
     "save_checkpoint",
     "sidecar_path",
@@ -43,18 +46,81 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
     path in the message, and the temporary file is removed.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    with _naming_path(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
+        with _naming_path(target):
+            with os.fdopen(fd, mode) as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+@contextlib.contextmanager
+def _naming_path(target: Path) -> Iterator[None]:
+    """Re-raise an ``OSError`` that does not name a file (a full disk, say) with ``target`` as its file."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None or error.errno is None:
+            raise
+        # OSError(errno, ...) builds the matching subclass (PermissionError for EACCES, ...).
+        raise OSError(error.errno, f"{error.strerror} (while writing)", str(target)) from error
+
+
+def _write_together(files: list[tuple[Path, bytes]]) -> None:
+    """Write every file to a temporary name and rename them all only once all were written and synced.
+
+    A full disk or a permission error while writing leaves every target as it was. Only a crash between the
+    renames (microseconds) can leave some targets new and others old, which :func:`load_artifact` detects.
+    """
+    staged: list[tuple[str, Path]] = []
+    try:
+        for target, data in files:
+            with _naming_path(target):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+                staged.append((tmp_name, target))
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+        for tmp_name, target in staged:
+            with _naming_path(target):
+                os.replace(tmp_name, target)
+    except BaseException:
+        for tmp_name, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+        raise
+
+
+def remove_temporaries(path: str | os.PathLike[str]) -> int:
+    """Delete the temporary files that writes of ``path`` killed mid-way (``SIGKILL``, power loss) left behind.
+
+    Call it only when no other process is writing ``path``, for example when a run resumes.
+
+    Args:
+        path: The final path of a file written with :func:`atomic_write` or :func:`save_artifact`.
+
+    Returns:
+        The number of files removed.
+    """
+    target = Path(path)
+    if not target.parent.is_dir():
+        return 0
+    removed = 0
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+            removed += 1
+    return removed
 
 
 def sidecar_path(path: str | os.PathLike[str]) -> Path:
@@ -80,18 +146,37 @@ def save_artifact(
 
     Returns:
         The path of the written ``.safetensors`` file.
+
+    Raises:
+        OSError: A file cannot be written (disk full, permissions); the message names it, and the artefact
+            previously at ``path``, if any, is left as it was.
     """
     from safetensors.torch import save as save_bytes
 
     target = _artifact_path(path)
-    payload = save_bytes({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
-    sidecar = {"kind": kind, "format_version": FORMAT_VERSION, "tensors": sorted(tensors), "metadata": dict(metadata)}
+    cpu_tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    sidecar: dict[str, Any] = {
+        "kind": kind,
+        "format_version": FORMAT_VERSION,
+        "tensors": sorted(tensors),
+        "metadata": dict(metadata),
+    }
+    # A digest of the content, stored in both files, pairs them: a tensor file and a sidecar written by two
+    # different saves are refused on load. It is deterministic, so equal artefacts are equal files.
+    sidecar["artifact_id"] = _content_digest(cpu_tensors, json.dumps(sidecar, sort_keys=True))
+    payload = save_bytes(cpu_tensors, metadata={"artifact_id": sidecar["artifact_id"]})
     text = json.dumps(sidecar, indent=2, sort_keys=True)
-    with atomic_write(target) as handle:
-        handle.write(payload)
-    with atomic_write(sidecar_path(target), "w") as handle:
-        handle.write(text)
+    _write_together([(target, payload), (sidecar_path(target), text.encode())])
     return target
+
+
+def _content_digest(tensors: Mapping[str, Tensor], text: str) -> str:
+    digest = hashlib.sha256(text.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 def load_artifact(path: str | os.PathLike[str], *, kind: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -99,7 +184,8 @@ def load_artifact(path: str | os.PathLike[str], *, kind: str) -> tuple[dict[str,
 
     Raises:
         FileNotFoundError: The tensor file or its sidecar is missing.
-        ArtifactError: Either file is corrupt or truncated, or the artefact is of another kind.
+        ArtifactError: Either file is corrupt or truncated, the two files come from different saves, or the
+            artefact is of another kind.
     """
     from safetensors.torch import load as load_bytes
 
@@ -116,14 +202,29 @@ def load_artifact(path: str | os.PathLike[str], *, kind: str) -> tuple[dict[str,
         raise ArtifactError(f"sidecar {sidecar} lacks a 'metadata' object; is it a dreamood artefact?")
     if info.get("kind") != kind:
         raise ArtifactError(f"{target} holds a {info.get('kind')!r} artefact, expected {kind!r}")
+    data = target.read_bytes()
     try:
-        tensors = load_bytes(target.read_bytes())
+        tensors = load_bytes(data)
     except Exception as error:  # safetensors raises its own error types for corrupt headers
         raise ArtifactError(f"{target} is not a readable safetensors file ({error})") from error
+    expected_id = info.get("artifact_id")
+    if expected_id is not None and _header_metadata(data).get("artifact_id") != expected_id:
+        raise ArtifactError(
+            f"{target} and its sidecar {sidecar} come from two different saves (an interrupted or partial copy); "
+            "save the artefact again"
+        )
     expected = info.get("tensors")
     if isinstance(expected, list) and sorted(tensors) != sorted(expected):
         raise ArtifactError(f"{target} holds tensors {sorted(tensors)}, its sidecar lists {sorted(expected)}")
     return tensors, info["metadata"]
+
+
+def _header_metadata(data: bytes) -> dict[str, Any]:
+    """The ``__metadata__`` table of a safetensors file's JSON header (empty when absent)."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 import os
+import pickle
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ from dreamood.decoding.injection import (
     encode_prompt_tokens,
     tokenize_prompts,
 )
+from dreamood.errors import ModelNotFoundError
 from dreamood.pretrained import resolve_pretrained
 
 __all__ = ["SCHEDULERS", "StableDiffusionDecoder"]
@@ -232,19 +234,29 @@ class StableDiffusionDecoder:
             ValueError: An argument is invalid (see the constructor).
         """
         from diffusers import StableDiffusionPipeline
+        from safetensors import SafetensorError
 
         check_choice(scheduler, SCHEDULERS, "scheduler")
         target = resolve_device(device)
         dtype = _resolve_dtype(torch_dtype, target)
         source = resolve_pretrained(model_id_or_path, _SD_PARTS, local_files_only=local_files_only)
-        pipeline = StableDiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
-            source,
-            torch_dtype=dtype,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            local_files_only=local_files_only,
-        )
+        try:
+            pipeline = StableDiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
+                source,
+                torch_dtype=dtype,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+                local_files_only=local_files_only,
+            )
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError) as error:
+            detail = " ".join(str(error).split())[:300] or type(error).__name__
+            raise ModelNotFoundError(
+                f"could not load the Stable Diffusion pipeline from {source!r}: its weights are missing, truncated or "
+                f"corrupt ({type(error).__name__}: {detail}). A Stable Diffusion v1.x folder holds tokenizer/, "
+                "text_encoder/, unet/, vae/ and scheduler/, each with its config and weights; download it again "
+                f"(e.g. `huggingface-cli download {model_id_or_path} --local-dir <folder>`)"
+            ) from error
         pipeline.scheduler = _make_scheduler(scheduler, pipeline.scheduler.config)
         pipeline.to(target)
         decoder = cls(pipeline, class_names, **kwargs)

@@ -11,12 +11,18 @@ training loop only calls::
 * :class:`VOSSampler`: Du et al., "VOS: Learning What You Don't Know by Virtual Outlier Synthesis", ICLR 2022.
 * :class:`NPOSSampler`: Tao et al., "Non-Parametric Outlier Synthesis", ICLR 2023.
 
+Both have ``state_dict()`` / ``load_state_dict()`` (queues, fill counts, internal generator), which
+:func:`~dreamood.training.train_classifier` stores in its checkpoints so that a resumed run is exact.
+
 Queues live on the device of the first batch of features. Without an explicit generator, ``sample`` draws
 from an internal generator seeded with ``seed`` (created on the queues' device) that advances with every
 call, so a training run is reproducible and each step still gets new outliers.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -126,6 +132,67 @@ class ClassQueues:
             return self._buffer[class_index, :count].clone()
         return torch.roll(self._buffer[class_index], shifts=-start, dims=0)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The queues' contents as tensors and plain values (loadable with ``torch.load(weights_only=True)``).
+
+        Returns:
+            A dict with the storage (``None`` before the first push), the fill counts, the next write positions,
+            the storage's device and the queue configuration.
+        """
+        return {
+            "num_classes": self.num_classes,
+            "queue_size": self.queue_size,
+            "buffer": None if self._buffer is None else self._buffer.clone(),
+            "device": None if self._buffer is None else str(self._buffer.device),
+            "counts": self._counts.clone(),
+            "next": self._next.clone(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the contents saved by :meth:`state_dict`.
+
+        The storage goes back to the device it was saved from when that device exists here, else to the CPU.
+
+        Args:
+            state: A dict from :meth:`state_dict`.
+
+        Raises:
+            ValueError: The state was saved from queues of another ``num_classes`` or ``queue_size``, or is
+                malformed.
+        """
+        for key in ("num_classes", "queue_size"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(
+                    f"cannot load queue state: it was saved with {key}={state.get(key)!r}, these queues have "
+                    f"{key}={getattr(self, key)!r}"
+                )
+        try:
+            buffer, counts, positions = state["buffer"], state["counts"], state["next"]
+        except KeyError as error:
+            raise ValueError(f"queue state lacks the entry {error}") from None
+        expected = (self.num_classes,)
+        for name, value in (("counts", counts), ("next", positions)):
+            if not isinstance(value, Tensor) or tuple(value.shape) != expected:
+                raise ValueError(f"queue state entry {name!r} must be a tensor of shape {expected}, got {value!r:.80}")
+        if buffer is not None:
+            if (
+                not isinstance(buffer, Tensor)
+                or buffer.dim() != 3
+                or tuple(buffer.shape[:2])
+                != (
+                    self.num_classes,
+                    self.queue_size,
+                )
+            ):
+                raise ValueError(
+                    f"queue state entry 'buffer' must be a ({self.num_classes}, {self.queue_size}, d) tensor, "
+                    f"got {buffer!r:.80}"
+                )
+            buffer = buffer.clone().to(_saved_device(state.get("device")))
+        self._buffer = buffer
+        self._counts = counts.to("cpu", torch.long).clone()
+        self._next = positions.to("cpu", torch.long).clone()
+
     def stacked(self) -> Tensor:
         """The storage ``(num_classes, queue_size, d)`` itself (order within a queue unspecified); needs :attr:`full`.
 
@@ -180,6 +247,45 @@ class _QueueSampler:
         if self._generator is None:
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
         return self._generator
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly: the queues and the internal generator's state.
+
+        Returns:
+            A dict of tensors and plain values (loadable with ``torch.load(weights_only=True)``).
+        """
+        generator = self._generator
+        return {
+            "sampler": type(self).__name__,
+            "seed": self.seed,
+            "queues": self.queues.state_dict(),
+            "generator": None if generator is None else generator.get_state(),
+            "generator_device": None if generator is None else str(generator.device),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the state saved by :meth:`state_dict` (the queues and the internal generator).
+
+        Args:
+            state: A dict from :meth:`state_dict` of a sampler of the same type and queue configuration.
+
+        Raises:
+            ValueError: The state comes from another sampler type or queue configuration, or is malformed.
+        """
+        name = type(self).__name__
+        if state.get("sampler") != name:
+            raise ValueError(f"cannot load the state of {state.get('sampler')!r} into a {name}")
+        if "queues" not in state:
+            raise ValueError(f"{name} state lacks the entry 'queues'")
+        self.queues.load_state_dict(state["queues"])
+        self.seed = int(state.get("seed", self.seed))
+        generator_state = state.get("generator")
+        if generator_state is None:
+            self._generator = None
+            return
+        generator = torch.Generator(device=_saved_device(state.get("generator_device")))
+        generator.set_state(generator_state)
+        self._generator = generator
 
     def _check_ready(self) -> None:
         if not self.ready:
@@ -462,6 +568,18 @@ class NPOSSampler(_QueueSampler):
             self.num_anchors * self.keep_per_anchor
         )
         return torch.cat(outliers), labels
+
+
+def _saved_device(name: Any) -> torch.device:
+    """The device a state was saved from, or the CPU when it is unknown or absent on this machine."""
+    if not isinstance(name, str):
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        return torch.device("cpu")
+    if device.type not in ("cpu", "cuda"):
+        return torch.device("cpu")
+    return device
 
 
 def _check_batch(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:

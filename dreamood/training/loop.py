@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from dreamood._utils import make_generator
 from dreamood.errors import ArtifactError, NonFiniteError
-from dreamood.io import atomic_write, load_checkpoint, save_checkpoint
+from dreamood.io import atomic_write, load_checkpoint, remove_temporaries, save_checkpoint
 from dreamood.protocols import FeatureOutlierSampler
 from dreamood.training.config import EpochMetrics, TrainingConfig, TrainingResult
 from dreamood.training.distributed import (
@@ -430,6 +430,10 @@ class _TrainingRun:
         self.metrics_path = None if self.output_dir is None else self.output_dir / METRICS_NAME
         self.history: list[EpochMetrics] = []
         self.start_epoch = 0
+        if context.is_main and self.checkpoint_path is not None and self.metrics_path is not None:
+            # Left by a process killed while writing; only this process writes these files.
+            remove_temporaries(self.checkpoint_path)
+            remove_temporaries(self.metrics_path)
         rng_state = self._load_initial_state()
 
         self.network: nn.Module = _Network(self.model, feature_extractor, classifier_head)
