@@ -253,7 +253,10 @@ def _run_demo(argv: Sequence[str]) -> int:
     hook = getattr(demo, "main", None)
     if not callable(hook):
         raise DreamoodError("dreamood.demo has no main(argv) entry point")
-    result = hook(list(argv))
+    try:
+        result = hook(list(argv))
+    except SystemExit as exit_:  # the demo's own argument parser: --help, usage errors
+        return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 2
     return int(result) if isinstance(result, int) else 0
 
 

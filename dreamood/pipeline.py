@@ -69,6 +69,17 @@ logger = logging.getLogger("dreamood.pipeline")
 #: The stages of a run, in order.
 STAGES: tuple[str, ...] = ("anchors", "encoder", "bank", "samples", "images", "classifier", "report")
 
+# The `dreamood` subcommand that makes each stage's artefact.
+_COMMAND_OF_STAGE = {
+    "anchors": "anchors",
+    "encoder": "fit-encoder",
+    "bank": "fit-encoder",
+    "samples": "sample",
+    "images": "generate",
+    "classifier": "train",
+    "report": "evaluate",
+}
+
 # Keys that do not change any artefact, so a change of them is not reported.
 _NEUTRAL_KEYS = frozenset({"progress", "data.num_workers", "output_dir"})
 
@@ -232,6 +243,25 @@ def _seed_global_rngs(seed: int) -> None:
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def _saved_weights(path: Path) -> dict[str, Any]:
+    """The ``"model"`` state dict of a checkpoint written by a stage."""
+    from dreamood.errors import ArtifactError
+
+    state = load_checkpoint(path)
+    if not isinstance(state.get("model"), dict):
+        raise ArtifactError(f"{path} holds no 'model' state dict; it was not written by the pipeline")
+    weights: dict[str, Any] = state["model"]
+    return weights
+
+
+def _barrier() -> None:
+    """Wait for every process of a torchrun run (no-op in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 class Pipeline:
@@ -414,11 +444,9 @@ class Pipeline:
             FileNotFoundError: The artefact does not exist (the message names the command that makes it).
         """
         if not self.is_done(stage):
-            command = {"encoder": "fit-encoder", "bank": "fit-encoder", "samples": "sample", "images": "generate"}
-            made_by = command.get(stage, {"classifier": "train", "report": "evaluate"}.get(stage, stage))
             raise FileNotFoundError(
                 f"the {stage} artefact {self.path(stage)} does not exist: run its stage first "
-                f"(`dreamood {made_by}` or `dreamood run`)"
+                f"(`dreamood {_COMMAND_OF_STAGE[stage]}` or `dreamood run`)"
             )
         path = self.path(stage)
         if stage == "anchors":
@@ -427,7 +455,7 @@ class Pipeline:
             return TokenEmbeddings.load(path)
         if stage == "encoder":
             encoder = self._new_encoder(self.load("anchors"))
-            encoder.load_state_dict(load_checkpoint(path)["model"])
+            encoder.load_state_dict(_saved_weights(path))
             return encoder.eval()
         if stage == "bank":
             from dreamood.feature_bank import FeatureBank
@@ -441,7 +469,7 @@ class Pipeline:
             return path
         if stage == "classifier":
             model = self._new_classifier()
-            model.load_state_dict(load_checkpoint(path)["model"])
+            model.load_state_dict(_saved_weights(path))
             return model.eval()
         from dreamood.evaluation import OODReport
 
@@ -654,12 +682,13 @@ class Pipeline:
                 )
             if _is_main_process():
                 save_checkpoint(self.path("classifier"), {"model": model.state_dict()})
+            _barrier()
         return model.eval()
 
     def _pretrain(self, id_loader: DataLoader[Any], options: dict[str, Any]) -> Path:
         """Train a cross-entropy classifier to start Phase 3 from (the paper's ImageNet-100 recipe)."""
         path = self.output_dir / "pretrained.pt"
-        if path.is_file() and "classifier" not in self.force:
+        if path.is_file():
             logger.info("[classifier] cross-entropy pre-training skipped: %s exists", path)
             return path
         from dreamood.training import train_classifier
@@ -668,11 +697,12 @@ class Pipeline:
         logger.info("[classifier] cross-entropy pre-training for %d epochs", cfg.pretrain_epochs)
         _seed_global_rngs(self.config.seed)
         model = self._new_classifier()
-        pretrain = {**options, "epochs": cfg.pretrain_epochs, "lr": cfg.pretrain_lr, "beta": 0.0}
+        pretrain = {**options, "epochs": cfg.pretrain_epochs, "lr": cfg.pretrain_lr, "beta": 0.0, "resume": True}
         pretrain["output_dir"] = self.output_dir / "pretrain"
         train_classifier(model, id_loader, **pretrain)
         if _is_main_process():
             save_checkpoint(path, model.state_dict())
+        _barrier()  # under torchrun, every process then reads the file rank 0 wrote
         return path
 
     def evaluate(self, model: nn.Module) -> OODReport:

@@ -233,3 +233,13 @@ def test_demo_is_loaded_lazily(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
     monkeypatch.setattr(dreamood, "demo", fake, raising=False)
     assert main(["demo", "--help", "--port", "8000"]) == 3
     assert seen == [["--help", "--port", "8000"]]
+
+
+def test_demo_help_comes_from_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("dreamood.demo") is None:
+        pytest.skip("this installation has no demo")
+    assert main(["demo", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: dreamood demo")
+    assert main(["demo", "--no-such-option"]) == 2

@@ -19,6 +19,7 @@ from PIL import Image
 from dreamood.anchors import TokenEmbeddings
 from dreamood.cli import main as cli_main
 from dreamood.config import PipelineConfig, load_config
+from dreamood.errors import ArtifactError
 from dreamood.evaluation import OODReport
 from dreamood.pipeline import STAGES, Pipeline, build_data, class_names_of, smoke_setup
 
@@ -183,6 +184,9 @@ def test_missing_artefacts_and_data_give_clear_errors(tmp_path: Path) -> None:
         _ = pipe.data
     with pytest.raises(ValueError, match="stage must be one of"):
         pipe.path("bogus")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "classifier.pt")
+    with pytest.raises(ArtifactError, match="holds no 'model' state dict"):
+        pipe.load("classifier")
 
 
 def test_imagenet100_dream_id_smoke(tmp_path: Path, tiny_sd: Path) -> None:
