@@ -1,0 +1,394 @@
+"""Resumable, sharded rendering of sampled embeddings into an image folder (DREAM-OOD step 4 at scale).
+
+Layout of ``out_dir``::
+
+    out_dir/<class_index>/<image_index:06d>.png
+    out_dir/manifest.jsonl
+
+**Which images.** For every class present in the samples (ascending class index) the first
+``images_per_class`` rows of that class, in their order in the samples, are rendered (all rows when
+``images_per_class`` is ``None``). Image indices count ``0, 1, 2, ...`` over this class-major list.
+
+**Seeds.** Image ``i`` is decoded with :func:`image_seed` ``(seed, i)``: the first 8 bytes of
+``sha256(f"{seed}:{i}")``, big-endian, masked to 63 bits. It does not depend on the process, the rank or the
+batch, so parallel workers never repeat each other's noise.
+
+**Resuming.** Every image is written atomically (temporary file, then rename) and carries its own record
+(index, class, embedding row, seed, decoder configuration hash, vector hash) in a PNG text chunk. A re-run
+re-opens each existing image: complete ones whose record matches are skipped, unreadable or truncated ones
+are redone, and ones made with another configuration raise an error unless ``overwrite=True``. Batches
+are fixed slices of each rank's list of images and a batch holding any missing image is decoded whole, so
+a run resumed after a crash or ``kill -9`` ends with the same files, byte for byte, as an uninterrupted
+run with the same ``batch_size`` and number of ranks. PNG encoding is deterministic (same pixels, same
+bytes). Across different batch compositions, images agree up to float rounding of the decoder's kernels.
+
+**Sharding.** Under ``torchrun`` (an initialised ``torch.distributed`` process group, or the ``RANK`` and
+``WORLD_SIZE`` environment variables) rank ``r`` renders the images with ``index % world_size == r``. With a
+process group, rank 0 writes the manifest after a barrier; without one, whichever rank finds the set
+complete when it finishes writes it (its content is deterministic, so concurrent writes agree).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dreamood._utils import progress
+from dreamood._validation import check_choice, check_finite, check_positive_int
+from dreamood.io import atomic_write
+from dreamood.protocols import EmbeddingDecoder
+from dreamood.sampling.samples import EmbeddingSamples
+
+__all__ = [
+    "MANIFEST_NAME",
+    "GenerationResult",
+    "decoder_config_hash",
+    "generate_images",
+    "image_seed",
+]
+
+MANIFEST_NAME = "manifest.jsonl"
+#: Key of the PNG text chunk that holds each image's record.
+RECORD_KEY = "dreamood"
+_IMAGE_FORMATS = ("png",)
+_IMAGE_NAME = re.compile(r"^\d+\.png$")
+_TEMP_NAME = re.compile(r"^\.\d+\.png\..*\.tmp$")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What one call of :func:`generate_images` did.
+
+    Attributes:
+        out_dir: The output folder.
+        num_images: Images in the whole generation (all ranks).
+        generated: Images this process rendered and wrote.
+        skipped: Images of this process that were already complete.
+        manifest: Path of the manifest when the generation is complete, else ``None`` (without a process
+            group, other ranks may still have images to render).
+    """
+
+    out_dir: Path
+    num_images: int
+    generated: int
+    skipped: int
+    manifest: Path | None
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image ``index`` in a generation seeded with ``seed``.
+
+    Stable across processes, platforms and Python versions (unlike ``hash()``): the first 8 bytes of
+    ``sha256(f"{seed}:{index}")`` read big-endian, masked to 63 bits so it suits ``torch.Generator``.
+    """
+    digest = hashlib.sha256(f"{int(seed)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def decoder_config_hash(decoder: EmbeddingDecoder) -> str:
+    """SHA-256 (hex) of what identifies a decoder's output: its configuration, class names and dimension.
+
+    The configuration is the decoder's ``config`` mapping when it has one (for example
+    :class:`~dreamood.decoding.in_domain.InDomainDiffusionDecoder`, whose config covers every setting
+    that changes the images), else its ``repr`` when its class defines one (the settings it shows), else its
+    type name.
+
+    Args:
+        decoder: Any :class:`~dreamood.protocols.EmbeddingDecoder`.
+
+    Returns:
+        The 64-character hexadecimal digest.
+    """
+    config = getattr(decoder, "config", None)
+    if config is None:
+        config = repr(decoder) if type(decoder).__repr__ is not object.__repr__ else type(decoder).__qualname__
+    payload = {
+        "config": config,
+        "class_names": list(decoder.class_names),
+        "embedding_dim": int(decoder.embedding_dim),
+    }
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _vector_hash(vector: Tensor) -> str:
+    data = vector.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _plan(
+    samples: EmbeddingSamples, images_per_class: int | None, seed: int, config_hash: str, class_names: Sequence[str]
+) -> list[dict[str, Any]]:
+    """One record per image to render, in image-index order (see the module docstring)."""
+    labels = samples.labels.cpu()
+    vectors = samples.vectors
+    records: list[dict[str, Any]] = []
+    for class_index in sorted({int(v) for v in labels.tolist()}):
+        rows = torch.nonzero(labels == class_index).flatten().tolist()
+        if images_per_class is not None:
+            if len(rows) < images_per_class:
+                raise ValueError(
+                    f"images_per_class={images_per_class} but class {class_index} has only {len(rows)} sampled rows"
+                )
+            rows = rows[:images_per_class]
+        for row in rows:
+            index = len(records)
+            records.append(
+                {
+                    "image_index": index,
+                    "class_index": class_index,
+                    "class_name": class_names[class_index],
+                    "embedding_row": int(row),
+                    "seed": image_seed(seed, index),
+                    "decoder_config_hash": config_hash,
+                    "vector_sha256": _vector_hash(vectors[row]),
+                    "path": f"{class_index}/{index:06d}.png",
+                }
+            )
+    return records
+
+
+def _rank_and_world_size() -> tuple[int, int, bool]:
+    """``(rank, world_size, has_process_group)`` from torch.distributed, else from RANK/WORLD_SIZE."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), True
+    try:
+        rank = int(os.environ.get("RANK", "0"))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError as error:
+        raise ValueError(f"RANK and WORLD_SIZE must be integers: {error}") from error
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"environment variables RANK={rank} and WORLD_SIZE={world_size} are inconsistent")
+    return rank, world_size, False
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """The record stored in a complete image, or ``None`` when the file is missing, truncated or unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            text = image.info.get(RECORD_KEY)
+        record = json.loads(text) if isinstance(text, str) else None
+    except Exception:  # any failure to decode (PIL raises several types) means the file must be redone
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _record_text(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"))
+
+
+def _write_png(path: Path, image: Tensor, record: dict[str, Any]) -> None:
+    """Encode ``image`` ``(3, H, W)`` in ``[0, 1]`` as an 8-bit RGB PNG with ``record`` in a text chunk."""
+    from PIL import Image, PngImagePlugin
+
+    pixels = (image.detach().float() * 255.0).round().clamp(0, 255).to(torch.uint8)
+    array = pixels.permute(1, 2, 0).cpu().numpy()
+    info = PngImagePlugin.PngInfo()
+    info.add_text(RECORD_KEY, _record_text(record))
+    with atomic_write(path) as handle:
+        # Fixed settings and no timestamps: identical pixels always give identical bytes.
+        Image.fromarray(array, mode="RGB").save(handle, format="PNG", pnginfo=info, compress_level=6, optimize=False)
+
+
+def _remove_temporaries(path: Path) -> None:
+    """Delete temporary files a killed process left behind for ``path``."""
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+
+
+def _foreign_files(out_dir: Path, planned: set[str]) -> tuple[list[Path], list[Path]]:
+    """Image files under ``out_dir`` that this generation does not plan, and stray temporary files."""
+    images: list[Path] = []
+    temporaries: list[Path] = []
+    if not out_dir.is_dir():
+        return images, temporaries
+    for folder in sorted(out_dir.iterdir()):
+        if not (folder.is_dir() and folder.name.isdigit()):
+            continue
+        for entry in sorted(folder.iterdir()):
+            relative = f"{folder.name}/{entry.name}"
+            if _IMAGE_NAME.match(entry.name) and relative not in planned:
+                images.append(entry)
+            elif (
+                _TEMP_NAME.match(entry.name) and f"{folder.name}/{entry.name[1:].split('.png.')[0]}.png" not in planned
+            ):
+                temporaries.append(entry)
+    return images, temporaries
+
+
+def _mismatch(path: Path, found: dict[str, Any], expected: dict[str, Any]) -> ValueError:
+    keys = sorted(k for k in expected if found.get(k) != expected[k])
+    detail = ", ".join(f"{k}: {found.get(k)!r} != {expected[k]!r}" for k in keys)
+    return ValueError(
+        f"{path} was generated with another configuration ({detail}); pass overwrite=True to replace the images "
+        "in this folder, or choose another out_dir"
+    )
+
+
+def _check_manifest(manifest: Path, config_hash: str, overwrite: bool) -> None:
+    if not manifest.is_file():
+        return
+    hashes = set()
+    for line in manifest.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError, AttributeError):
+            hashes.add(json.loads(line).get("decoder_config_hash"))
+    if hashes - {config_hash}:
+        if not overwrite:
+            raise ValueError(
+                f"{manifest} lists images of a decoder with another configuration (hash {sorted(hashes)} != "
+                f"{config_hash!r}); pass overwrite=True to replace them, or choose another out_dir"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            manifest.unlink()
+
+
+def _write_manifest(manifest: Path, records: list[dict[str, Any]]) -> None:
+    with atomic_write(manifest, "w") as handle:
+        handle.write("".join(_record_text(record) + "\n" for record in records))
+
+
+def generate_images(
+    decoder: EmbeddingDecoder,
+    samples: EmbeddingSamples,
+    out_dir: str | os.PathLike[str],
+    images_per_class: int | None = None,
+    *,
+    batch_size: int = 16,
+    seed: int = 0,
+    show_progress: bool = True,
+    image_format: str = "png",
+    overwrite: bool = False,
+) -> GenerationResult:
+    """Render sampled embeddings into ``out_dir/<class>/<index>.png`` plus ``manifest.jsonl``, resumably.
+
+    See the module documentation for which rows are used, how seeds are derived, how a re-run resumes and
+    how ranks share the work. Call it from every rank under ``torchrun``; call it again with the same
+    arguments to finish an interrupted run.
+
+    Args:
+        decoder: Any :class:`~dreamood.protocols.EmbeddingDecoder` (its ``config``, when present, is hashed
+            into every image's record).
+        samples: The embeddings to render with their class labels.
+        out_dir: Output folder (created when missing).
+        images_per_class: Images per class: the first that many rows of each class (``None``: all rows).
+        batch_size: Images per ``decoder.decode`` call.
+        seed: Seed from which every image's own seed is derived (:func:`image_seed`).
+        show_progress: Show a progress bar (on rank 0 only).
+        image_format: Only ``"png"`` (lossless, deterministic, carries the record).
+        overwrite: Replace images and a manifest left in ``out_dir`` by a generation with another
+            configuration (and remove images it does not plan) instead of raising.
+
+    Returns:
+        A :class:`GenerationResult`.
+
+    Raises:
+        ValueError: Invalid arguments, samples that do not fit the decoder, or ``out_dir`` holding images of
+            another configuration while ``overwrite`` is false.
+        NonFiniteError: The decoder returned NaN or infinite pixels.
+    """
+    check_positive_int(batch_size, "batch_size")
+    check_positive_int(seed, "seed", allow_zero=True)
+    if images_per_class is not None:
+        check_positive_int(images_per_class, "images_per_class")
+    check_choice(image_format, _IMAGE_FORMATS, "image_format")
+    if not isinstance(samples, EmbeddingSamples):
+        raise TypeError(f"samples must be an EmbeddingSamples, got {type(samples).__name__}")
+    if samples.dim != decoder.embedding_dim:
+        raise ValueError(f"samples have dimension {samples.dim}, the decoder expects {decoder.embedding_dim}")
+    class_names = list(decoder.class_names)
+    if len(samples) and (int(samples.labels.min()) < 0 or int(samples.labels.max()) >= len(class_names)):
+        raise ValueError(
+            f"samples.labels must lie in [0, {len(class_names) - 1}] (the decoder's classes), got values in "
+            f"[{int(samples.labels.min())}, {int(samples.labels.max())}]"
+        )
+    if len(samples) == 0:
+        raise ValueError("samples is empty: there is nothing to generate")
+    rank, world_size, has_group = _rank_and_world_size()
+    root = Path(out_dir)
+    config_hash = decoder_config_hash(decoder)
+    records = _plan(samples, images_per_class, seed, config_hash, class_names)
+    manifest = root / MANIFEST_NAME
+    _check_manifest(manifest, config_hash, overwrite)
+    if rank == 0:
+        foreign, temporaries = _foreign_files(root, {r["path"] for r in records})
+        if foreign and not overwrite:
+            raise ValueError(
+                f"{root} holds {len(foreign)} image(s) that this generation does not plan (e.g. {foreign[0]}); "
+                "pass overwrite=True to remove them, or choose another out_dir"
+            )
+        for stale in foreign + temporaries:
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+
+    # Which of this rank's images are missing or broken; fixed batches keep a resumed run bit-identical.
+    mine = records[rank::world_size]
+    todo: list[bool] = []
+    for record in mine:
+        path = root / record["path"]
+        _remove_temporaries(path)
+        found = _read_record(path) if path.exists() else None
+        if found is not None and found != record and not overwrite:
+            raise _mismatch(path, found, record)
+        todo.append(found != record)
+    batches = [range(s, min(s + batch_size, len(mine))) for s in range(0, len(mine), batch_size)]
+    batches = [b for b in batches if any(todo[i] for i in b)]
+    if batches:
+        with contextlib.suppress(FileNotFoundError):
+            manifest.unlink()
+    generated = 0
+    bar = progress(batches, enabled=show_progress and rank == 0, desc="generating images", total=len(batches))
+    for batch in bar:
+        chunk = [mine[i] for i in batch]
+        rows = torch.tensor([r["embedding_row"] for r in chunk], device=samples.device)
+        images = decoder.decode(samples.vectors[rows], samples.labels[rows], [r["seed"] for r in chunk])
+        _check_images(images, len(chunk))
+        for i, record, image in zip(batch, chunk, images):
+            if todo[i]:
+                _write_png(root / record["path"], image, record)
+                generated += 1
+
+    if has_group:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank == 0:
+            _write_manifest(manifest, records)
+        dist.barrier()
+        complete = True
+    else:
+        complete = all((root / r["path"]).is_file() for r in records)
+        if complete:
+            _write_manifest(manifest, records)
+    return GenerationResult(
+        out_dir=root,
+        num_images=len(records),
+        generated=generated,
+        skipped=len(mine) - sum(todo),
+        manifest=manifest if complete else None,
+    )
+
+
+def _check_images(images: Tensor, count: int) -> None:
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] != count or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"decoder.decode must return images of shape ({count}, 3, H, W), got {shape}")
+    check_finite(images, "decoded images")
+    low, high = float(images.min()), float(images.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"decoder.decode must return images in [0, 1], got values in [{low:.4g}, {high:.4g}]")
