@@ -38,6 +38,10 @@ _EXPORTS: dict[str, str] = {
     "DisjointClassSampler": "dreamood.sampling.token_samplers",
     "VOSSampler": "dreamood.sampling.feature_samplers",
     "NPOSSampler": "dreamood.sampling.feature_samplers",
+    # Whole pipelines
+    "Pipeline": "dreamood.pipeline",
+    "PipelineConfig": "dreamood.config",
+    "load_config": "dreamood.config",
     # Evaluation
     "OODEvaluator": "dreamood.evaluation",
     "OODReport": "dreamood.evaluation",
@@ -63,12 +67,14 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from dreamood.anchors import TokenEmbeddings
+    from dreamood.config import PipelineConfig, load_config
     from dreamood.decoding.stable_diffusion import StableDiffusionDecoder
     from dreamood.encoder import TextConditionedEncoder, fit_encoder
     from dreamood.errors import ArtifactError, DreamoodError, ModelNotFoundError, NonFiniteError, NotFittedError
     from dreamood.evaluation import OODEvaluator, OODMetrics, OODReport, energy_score, ood_metrics
     from dreamood.feature_bank import FeatureBank
     from dreamood.knn import ExactNearestNeighbors, knn_search, kth_neighbor_distance
+    from dreamood.pipeline import Pipeline
     from dreamood.protocols import (
         Embedder,
         EmbeddingDecoder,

@@ -30,3 +30,13 @@ def test_unknown_attribute_raises_attribute_error() -> None:
         assert "NotAThing" in str(error)
     else:
         raise AssertionError("expected AttributeError")
+
+
+def test_data_subpackage_names_resolve_and_class_lists_need_no_torchvision() -> None:
+    import dreamood.data
+
+    for name in dreamood.data.__all__:
+        assert getattr(dreamood.data, name).__doc__ or isinstance(getattr(dreamood.data, name), tuple | list)
+    code = "import sys, dreamood.data as d; d.CIFAR100_CLASSES; print('torchvision' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

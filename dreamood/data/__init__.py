@@ -1,17 +1,92 @@
-"""Data helpers: bundled class-name lists for CIFAR-100, the paper's ImageNet-100 and ImageNet-1k."""
+"""Datasets, transforms and class-name lists.
 
-from dreamood.data.classes import (
-    CIFAR100_CLASSES,
-    IMAGENET1K_CLASSES,
-    IMAGENET1K_WNIDS,
-    IMAGENET100_CLASSES,
-    IMAGENET100_WNIDS,
-)
+- Class names: CIFAR-100 (label order, prompt-friendly), the paper's ImageNet-100 and ImageNet-1k.
+- ID datasets: CIFAR-100 (torchvision), ImageNet-100 read in place from an ImageNet-1k folder tree.
+- OOD test sets with the paper's preprocessing, and the DREAM-ID generalisation sets (ImageNet-A, -V2).
+- :class:`GeneratedImageFolder` reads images written by :func:`dreamood.decoding.generation.generate_images`.
 
-__all__ = [
-    "CIFAR100_CLASSES",
-    "IMAGENET1K_CLASSES",
-    "IMAGENET1K_WNIDS",
-    "IMAGENET100_CLASSES",
-    "IMAGENET100_WNIDS",
-]
+Names are resolved lazily so that reading a class list does not import torchvision.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "CIFAR100_CLASSES": "dreamood.data.classes",
+    "IMAGENET1K_CLASSES": "dreamood.data.classes",
+    "IMAGENET1K_WNIDS": "dreamood.data.classes",
+    "IMAGENET100_CLASSES": "dreamood.data.classes",
+    "IMAGENET100_WNIDS": "dreamood.data.classes",
+    "cifar100": "dreamood.data.datasets",
+    "ImageNet100": "dreamood.data.datasets",
+    "ImageNetA": "dreamood.data.datasets",
+    "ImageNetV2": "dreamood.data.datasets",
+    "ImageListDataset": "dreamood.data.datasets",
+    "class_folder_dataset": "dreamood.data.datasets",
+    "find_images": "dreamood.data.datasets",
+    "link_imagenet_subset": "dreamood.data.datasets",
+    "OODImageFolder": "dreamood.data.ood",
+    "OODSetSpec": "dreamood.data.ood",
+    "CIFAR100_OOD_SETS": "dreamood.data.ood",
+    "IMAGENET100_OOD_SETS": "dreamood.data.ood",
+    "ood_test_sets": "dreamood.data.ood",
+    "svhn_test": "dreamood.data.ood",
+    "get_transform": "dreamood.data.transforms",
+    "cifar_train_transform": "dreamood.data.transforms",
+    "cifar_test_transform": "dreamood.data.transforms",
+    "imagenet_train_transform": "dreamood.data.transforms",
+    "imagenet_test_transform": "dreamood.data.transforms",
+    "GeneratedImageFolder": "dreamood.data.generated",
+}
+
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from dreamood.data.classes import (
+        CIFAR100_CLASSES,
+        IMAGENET1K_CLASSES,
+        IMAGENET1K_WNIDS,
+        IMAGENET100_CLASSES,
+        IMAGENET100_WNIDS,
+    )
+    from dreamood.data.datasets import (
+        ImageListDataset,
+        ImageNet100,
+        ImageNetA,
+        ImageNetV2,
+        cifar100,
+        class_folder_dataset,
+        find_images,
+        link_imagenet_subset,
+    )
+    from dreamood.data.generated import GeneratedImageFolder
+    from dreamood.data.ood import (
+        CIFAR100_OOD_SETS,
+        IMAGENET100_OOD_SETS,
+        OODImageFolder,
+        OODSetSpec,
+        ood_test_sets,
+        svhn_test,
+    )
+    from dreamood.data.transforms import (
+        cifar_test_transform,
+        cifar_train_transform,
+        get_transform,
+        imagenet_test_transform,
+        imagenet_train_transform,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'dreamood.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
