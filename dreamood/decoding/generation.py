@@ -51,6 +51,7 @@ from dreamood.sampling.samples import EmbeddingSamples
 
 __all__ = [
     "MANIFEST_NAME",
+    "RECORD_KEY",
     "GenerationResult",
     "decoder_config_hash",
     "generate_images",
