@@ -61,8 +61,9 @@ def reference_sample(
         chunk_candidates: Candidates scored per brute-force step.
 
     Returns:
-        ``vectors``, ``labels``, ``anchor_index`` (global bank rows), ``knn_distance``, and ``boundary_seconds``
-        and ``round_seconds`` lists for timing.
+        ``vectors``, ``labels``, ``anchor_index`` (global bank rows), ``knn_distance``, and for timing the
+        wall-clock and CPU seconds of every class's boundary step and of every round (``boundary_seconds``,
+        ``boundary_cpu_seconds``, ``round_seconds``, ``round_cpu_seconds``).
     """
     import time
 
@@ -71,9 +72,11 @@ def reference_sample(
     classes = list(range(int(labels.max()) + 1)) if classes is None else classes
     vectors, out_labels, anchor_index, distances = [], [], [], []
     boundary_seconds: list[float] = []
+    boundary_cpu_seconds: list[float] = []
     round_seconds: list[float] = []
+    round_cpu_seconds: list[float] = []
     for c in classes:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         rows = torch.nonzero(labels == c).flatten()
         members = embeddings[rows]
         # Bank k-NN in float64, the point itself excluded.
@@ -82,13 +85,14 @@ def reference_sample(
         bank_distance = pairwise.kthvalue(k, dim=1).values
         anchor_set = bank_distance.topk(boundary_size, largest=outlier).indices
         boundary_seconds.append(time.perf_counter() - start)
+        boundary_cpu_seconds.append(time.process_time() - cpu_start)
 
         rounds = math.ceil(num_per_class / per_round)
         if max_rounds is not None:
             rounds = min(rounds, max_rounds)
         class_vectors, class_anchors, class_distances = [], [], []
         for _ in range(rounds):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             chosen = anchor_set[torch.randperm(boundary_size, generator=generator)[:anchors_per_round]]
             noise = torch.randn(candidates_per_anchor, members.shape[1], generator=generator)
             # Anchor-major: candidates[i, j] = normalize(z_i + sigma * eps_j).
@@ -105,6 +109,7 @@ def reference_sample(
             class_anchors.append(rows[chosen][:, None].expand(-1, keep_per_anchor).flatten())
             class_distances.append(best.flatten())
             round_seconds.append(time.perf_counter() - start)
+            round_cpu_seconds.append(time.process_time() - cpu_start)
         count = min(num_per_class, rounds * per_round)
         vectors.append(torch.cat(class_vectors)[:count] * token_norms[c])
         anchor_index.append(torch.cat(class_anchors)[:count])
@@ -116,5 +121,7 @@ def reference_sample(
         "anchor_index": torch.cat(anchor_index),
         "knn_distance": torch.cat(distances),
         "boundary_seconds": boundary_seconds,
+        "boundary_cpu_seconds": boundary_cpu_seconds,
         "round_seconds": round_seconds,
+        "round_cpu_seconds": round_cpu_seconds,
     }

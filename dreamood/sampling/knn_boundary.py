@@ -26,10 +26,12 @@ a few candidates per anchor need it:
 * a cheap estimate of every candidate's similarity (the anchor's own k-th largest similarity shifted by the
   noise's projection on the keys ranked around ``k``) picks a few pilot candidates per anchor, whose exact
   similarities give a threshold ``theta`` that ``keep_per_anchor`` candidates already reach;
-* every candidate is then tested against ``theta`` by *counting* keys above ``theta * norm`` (one fused
-  multiply-add and a sum, far cheaper than a selection): a candidate with at least ``k`` keys above it has a
-  similarity beyond ``theta`` and cannot be kept;
+* every candidate is then tested against ``theta`` by *counting* keys above ``theta * norm`` (an addition, a
+  comparison and a sum, several times cheaper than a selection): a candidate with at least ``k`` keys above
+  it has a similarity beyond ``theta`` and cannot be kept;
 * the exact k-th largest similarity is computed for the candidates that pass, and the best are kept.
+
+What remains is dominated by the noise-key product, ``candidates x m x keys`` multiply-adds per round.
 
 The test is exact up to a margin of ``1e-5`` in similarity (float32 rounding is about ``1e-7``) that only
 lets more candidates through, so the kept candidates are exactly the ``keep_per_anchor`` best of every
@@ -672,7 +674,7 @@ class _CandidateScorer:
         the keys ranked around ``k`` for that anchor.
         """
         num_keys = self.x.shape[2]
-        half = max(1, num_keys // 20)
+        half = max(1, min(self.k, num_keys - self.k + 1) // 6)
         low, high = max(0, self.k - 1 - half), min(num_keys, self.k + half)
         ranked = self.x.topk(high, dim=2).indices
         kth = self.x.gather(2, ranked[:, :, self.k - 1 : self.k])
