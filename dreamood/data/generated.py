@@ -55,7 +55,7 @@ class GeneratedImageFolder(Dataset[tuple[Any, int]]):
     ) -> None:
         check_choice(mode, ("RGB", "L"), "mode")
         self.root = Path(root)
-        self.size = _size_pair(image_size)
+        self.image_size = _size_pair(image_size)
         self.transform = transform
         self.mode = mode
         manifest = self.root / MANIFEST_NAME
@@ -103,8 +103,8 @@ class GeneratedImageFolder(Dataset[tuple[Any, int]]):
                 image = opened.convert(self.mode)
         except Exception as error:  # PIL raises several types for truncated or corrupt files
             raise ArtifactError(f"cannot read generated image {path}: {type(error).__name__}: {error}") from error
-        if self.size is not None and image.size != (self.size[1], self.size[0]):
-            image = image.resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
+        if self.image_size is not None and image.size != (self.image_size[1], self.image_size[0]):
+            image = image.resize((self.image_size[1], self.image_size[0]), Image.Resampling.BILINEAR)
         return image
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
