@@ -76,10 +76,9 @@ def _with_nan(tensor: torch.Tensor, index: tuple[int, ...] = (0,), value: float 
 class Env:
     """What a case may need: a fresh folder, and tiny models built once per session on first use."""
 
-    shared: Path
-
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, shared: Path) -> None:
         self.tmp = tmp
+        self.shared = shared
 
     @cached_property
     def pipeline(self) -> Any:
@@ -843,11 +842,10 @@ def _params(cases: list[Case]) -> list[Any]:
 
 @pytest.mark.parametrize("bad", _params(CASES))
 def test_bad_input_fails_clearly(bad: Case, tmp_path: Path, shared_folder: Path) -> None:
-    Env.shared = shared_folder
     if bad.requires is not None:
         pytest.importorskip(bad.requires)
     with pytest.raises(bad.error) as info:
-        result = bad.call(Env(tmp_path))
+        result = bad.call(Env(tmp_path, shared_folder))
         pytest.fail(f"no error; returned {result!r:.200}")
     message = str(info.value)
     assert re.search(bad.match, message), f"message {message!r} does not match {bad.match!r}"
