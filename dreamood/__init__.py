@@ -27,6 +27,9 @@ _EXPORTS: dict[str, str] = {
     "kth_neighbor_distance": "dreamood.knn",
     # Decoding
     "StableDiffusionDecoder": "dreamood.decoding.stable_diffusion",
+    "InDomainDiffusionDecoder": "dreamood.decoding.in_domain",
+    "generate_images": "dreamood.decoding.generation",
+    "GeneratedImageFolder": "dreamood.data.generated",
     # Phase 3
     "EnergyOODRegularizer": "dreamood.training",
     "train_classifier": "dreamood.training",
@@ -68,6 +71,9 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from dreamood.anchors import TokenEmbeddings
     from dreamood.config import PipelineConfig, load_config
+    from dreamood.data.generated import GeneratedImageFolder
+    from dreamood.decoding.generation import generate_images
+    from dreamood.decoding.in_domain import InDomainDiffusionDecoder
     from dreamood.decoding.stable_diffusion import StableDiffusionDecoder
     from dreamood.encoder import TextConditionedEncoder, fit_encoder
     from dreamood.errors import ArtifactError, DreamoodError, ModelNotFoundError, NonFiniteError, NotFittedError

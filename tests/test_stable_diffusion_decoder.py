@@ -445,3 +445,19 @@ def test_cuda_half_precision_matches_the_plain_pipeline(tmp_path: Path) -> None:
     assert images.device.type == "cuda"
     assert images.dtype == torch.float32
     torch.testing.assert_close(images, reference.float(), atol=2e-3, rtol=0)
+
+
+def test_config_identifies_the_output_settings(tmp_path: Path) -> None:
+    import json
+
+    from dreamood.decoding.generation import decoder_config_hash
+    from dreamood.testing import tiny_stable_diffusion_pipeline
+
+    pipeline = tiny_stable_diffusion_pipeline(tmp_path)
+    decoder = StableDiffusionDecoder(pipeline, ["cat", "dog"], num_inference_steps=2, height=32, width=32)
+    config = decoder.config
+    assert json.loads(json.dumps(config)) == config
+    assert config["scheduler"] == type(pipeline.scheduler).__name__ and config["num_inference_steps"] == 2
+    before = decoder_config_hash(decoder)
+    decoder.guidance_scale = 3.0
+    assert decoder_config_hash(decoder) != before

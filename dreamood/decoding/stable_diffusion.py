@@ -310,6 +310,32 @@ class StableDiffusionDecoder:
         return int(self.pipeline.text_encoder.get_input_embeddings().embedding_dim)
 
     @property
+    def config(self) -> dict[str, Any]:
+        """Every setting that changes the images, JSON-serialisable (used to tell generated folders apart).
+
+        It includes the scheduler's class and configuration and the model's path (``name_or_path`` of the
+        pipeline's config) when known, besides the prompt and sampling settings.
+        """
+        scheduler = self.pipeline.scheduler
+        return {
+            "decoder": type(self).__name__,
+            "model": str(
+                getattr(self.pipeline, "name_or_path", None) or getattr(self.pipeline.config, "_name_or_path", "")
+            ),
+            "scheduler": type(scheduler).__name__,
+            "scheduler_config": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
+            "dtype": str(self.pipeline.unet.dtype),
+            "prompt_template": self.prompt_template,
+            "negative_prompt": self.negative_prompt,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "height": self.height,
+            "width": self.width,
+            "output_size": None if self.output_size is None else list(self.output_size),
+            "resize_mode": self.resize_mode,
+        }
+
+    @property
     def prompts(self) -> list[str]:
         """Each class's prompt text (the template with the class name written in), indexed by label."""
         return list(self.prompt_tokens.prompts)
