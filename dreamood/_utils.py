@@ -13,10 +13,24 @@ DeviceLike = str | torch.device | None
 
 
 def resolve_device(device: DeviceLike = None) -> torch.device:
-    """Turn ``None``/``"auto"`` into CUDA when available (else CPU); pass anything else to ``torch.device``."""
+    """Turn ``None``/``"auto"`` into CUDA when available (else CPU) and check any other device exists.
+
+    Raises:
+        ValueError: ``device`` is not a device name torch knows, or names a CUDA device this machine lacks.
+    """
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}") from error
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r} was requested but CUDA is not available on this machine")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {device!r} does not exist: this machine has {count} CUDA device(s)")
+    return resolved
 
 
 def progress(

@@ -824,11 +824,7 @@ def shared_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # Failures found in modules owned elsewhere, reported; strict, so the mark must go once they are fixed.
-KNOWN_FAILURES: dict[str, str] = {
-    "generated-manifest-escapes-folder": "GeneratedImageFolder reads manifest paths outside its root",
-    "device-name-unknown": "resolve_device passes any string to torch.device; torch raises a RuntimeError",
-    "device-cuda-index-absent": "resolve_device does not check that the CUDA device exists; torch raises",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def _params(cases: list[Case]) -> list[Any]:

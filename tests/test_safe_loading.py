@@ -356,7 +356,6 @@ def test_pipeline_generation_never_makes_a_folder_from_a_class_name(tmp_path: Pa
     assert not Path("/tmp/absolute-class").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="link_imagenet_subset accepts WordNet ids that climb out of the target")
 def test_imagenet_links_refuse_ids_that_are_not_one_folder_name(tmp_path: Path) -> None:
     from dreamood.data.datasets import link_imagenet_subset
 

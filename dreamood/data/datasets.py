@@ -263,10 +263,14 @@ def link_imagenet_subset(
 
     Raises:
         FileNotFoundError: A split or class folder of ``imagenet_root`` is missing.
+        ValueError: A WordNet id is not a single folder name (``"../val"``, say).
         FileExistsError: ``target/<split>/<wnid>`` exists and is not a link to the same folder.
     """
     source = Path(imagenet_root).expanduser().resolve()
     destination = Path(target).expanduser()
+    for wnid in wnids:
+        if not wnid or Path(wnid).name != wnid or wnid in (".", ".."):
+            raise ValueError(f"wnids must be single folder names such as 'n01440764', got {wnid!r}")
     for split in splits:
         _check_splits(split)
         missing = [w for w in wnids if not (source / split / w).is_dir()]

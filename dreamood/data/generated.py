@@ -73,6 +73,11 @@ class GeneratedImageFolder(Dataset[tuple[Any, int]]):
                 raise ArtifactError(f"{manifest} line {number} is not a valid manifest row: {error}") from error
             if not valid or record["class_index"] < 0:
                 raise ArtifactError(f"{manifest} line {number} needs a string 'path' and a class_index >= 0: {line}")
+            relative = Path(record["path"])
+            if relative.is_absolute() or ".." in relative.parts:
+                raise ArtifactError(
+                    f"{manifest} line {number} lists {record['path']!r}, a path outside the generated folder"
+                )
             self.records.append(record)
         self.samples: list[tuple[Path, int]] = [(self.root / r["path"], int(r["class_index"])) for r in self.records]
         self.targets: list[int] = [label for _, label in self.samples]
