@@ -285,7 +285,7 @@ def _load_tokenizer_and_text_encoder(name: str, local_files_only: bool) -> tuple
     except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as error:
         raise ModelNotFoundError(
             f"could not load the tokenizer and text encoder of {name!r} (from {root!r}): {error}. Expected {_LAYOUTS}. "
-            "Download the model once on a machine with network access (e.g. `huggingface-cli download "
+            "Download the model once on a machine with network access (e.g. `hf download "
             f"{name} --local-dir <folder>`) and pass that folder."
         ) from error
 

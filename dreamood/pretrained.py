@@ -29,7 +29,8 @@ _FILES_BY_FOLDER: dict[str, tuple[tuple[str, ...], ...]] = {
 def _how_to_fetch(model: str) -> str:
     return (
         "Download it once on a machine with network access, for example with "
-        f"`huggingface-cli download {model} --local-dir <folder>` (or `snapshot_download`), "
+        f"`hf download {model} --local-dir <folder>` (`huggingface-cli download` before huggingface_hub 1.0, "
+        "or `snapshot_download`), "
         "then pass that folder; or pass local_files_only=False to let Hugging Face download it now."
     )
 

@@ -31,7 +31,7 @@ def test_incomplete_folder_names_every_missing_part(tmp_path: Path) -> None:
     message = str(error.value)
     assert "tokenizer/ (vocab.json, merges.txt or tokenizer.json)" in message
     assert "text_encoder/" in message and "vae/" in message and "unet/" not in message.split("missing")[1].split(".")[0]
-    assert "huggingface-cli download" in message
+    assert "hf download" in message
 
 
 def test_missing_model_id_is_not_downloaded_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -255,7 +255,7 @@ class StableDiffusionDecoder:
                 f"could not load the Stable Diffusion pipeline from {source!r}: its weights are missing, truncated or "
                 f"corrupt ({type(error).__name__}: {detail}). A Stable Diffusion v1.x folder holds tokenizer/, "
                 "text_encoder/, unet/, vae/ and scheduler/, each with its config and weights; download it again "
-                f"(e.g. `huggingface-cli download {model_id_or_path} --local-dir <folder>`)"
+                f"(e.g. `hf download {model_id_or_path} --local-dir <folder>`)"
             ) from error
         pipeline.scheduler = _make_scheduler(scheduler, pipeline.scheduler.config)
         pipeline.to(target)
