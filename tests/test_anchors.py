@@ -177,7 +177,7 @@ def test_from_pretrained_missing_model(tmp_path: Path) -> None:
     message = str(info.value)
     assert str(missing) in message
     assert "tokenizer/" in message and "text_encoder/" in message
-    assert "huggingface-cli download" in message
+    assert "hf download" in message
     assert isinstance(info.value, FileNotFoundError)
 
 
