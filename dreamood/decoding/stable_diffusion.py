@@ -313,15 +313,13 @@ class StableDiffusionDecoder:
     def config(self) -> dict[str, Any]:
         """Every setting that changes the images, JSON-serialisable (used to tell generated folders apart).
 
-        It includes the scheduler's class and configuration and the model's path (``name_or_path`` of the
-        pipeline's config) when known, besides the prompt and sampling settings.
+        It includes the scheduler's class and configuration, the weights' dtype, and the prompt and sampling
+        settings. The model's folder is left out on purpose: the same weights moved elsewhere give the same
+        images.
         """
         scheduler = self.pipeline.scheduler
         return {
             "decoder": type(self).__name__,
-            "model": str(
-                getattr(self.pipeline, "name_or_path", None) or getattr(self.pipeline.config, "_name_or_path", "")
-            ),
             "scheduler": type(scheduler).__name__,
             "scheduler_config": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
             "dtype": str(self.pipeline.unet.dtype),
