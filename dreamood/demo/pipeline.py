@@ -82,15 +82,21 @@ class StageTimer:
     """Wall-clock and CPU seconds per named stage (a stage entered several times, e.g. per seed, adds up).
 
     The CPU time is this process's (all its threads); on a busy machine the wall-clock time exceeds it.
+
+    Args:
+        announce: Print the name of each stage when it starts.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, announce: bool = False) -> None:
+        self.announce = announce
         self.seconds: dict[str, float] = {}
         self.cpu_seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Time the block and add its durations to ``name``."""
+    def stage(self, name: str, detail: str = "") -> Iterator[None]:
+        """Time the block and add its durations to ``name``; ``detail`` is only printed."""
+        if self.announce:
+            print(f"== {name}{f' ({detail})' if detail else ''}", flush=True)
         wall, cpu = time.perf_counter(), time.process_time()
         try:
             yield
@@ -155,7 +161,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     load_before = _load_average()
     with _torch_threads(config.threads):
-        timer = StageTimer()
+        timer = StageTimer(announce=config.progress)
         figures: dict[str, str] = {}
         with timer.stage("data"):
             data = load_digits_data(config.id_classes, test_fraction=config.test_fraction, seed=config.seed)
@@ -320,14 +326,14 @@ def _run_seed(
 
     seed_dir = out_dir / f"seed-{seed}"
     first = seed == config.seed
-    with timer.stage("phase 1: encoder + feature bank"):
+    with timer.stage("phase 1: encoder + feature bank", f"seed {seed}"):
         encoder, encoder_accuracy = _train_encoder(seed, config, data, anchors, device, seed_dir)
         bank = FeatureBank.from_encoder(
             encoder, _loader(data.train_images, data.train_labels, 256), num_classes=data.num_classes,
             device=device, show_progress=config.progress,
         )  # fmt: skip
         bank.save(seed_dir / "artifacts" / "feature_bank")
-    with timer.stage("phase 2: outlier embeddings"):
+    with timer.stage("phase 2: outlier embeddings", f"seed {seed}"):
         smallest = int(bank.class_counts.min())
         sigma = config.effective_sigma(anchors.dim)
         sampler_kwargs = _sampler_settings(config, smallest)
@@ -351,7 +357,7 @@ def _run_seed(
                 title=f"{'t-SNE' if method == 'tsne' else 'PCA'}: ID embeddings, anchors T(y), DREAM-OOD outliers",
             )  # fmt: skip
             figures["embeddings"] = str(path.relative_to(out_dir))
-    with timer.stage("decoding outliers"):
+    with timer.stage("decoding outliers", f"seed {seed}"):
         dream_images = _decode(decoder, outliers, seed_dir / "outliers" / "dream-ood", config, seed=seed)
         noise_images = _decode(decoder, noisy, seed_dir / "outliers" / "token-noise", config, seed=seed)
         if first:
@@ -364,9 +370,9 @@ def _run_seed(
         token_noise_std=noise_std,
         npos_sigma=float("nan"),
     )
-    with timer.stage("phase 3: classifiers"):
+    with timer.stage("phase 3: classifiers", f"seed {seed}: {', '.join(METHODS.values())}"):
         models = _train_classifiers(seed, config, data, dream_images, noise_images, device, seed_dir, run)
-    with timer.stage("evaluation"):
+    with timer.stage("evaluation", f"seed {seed}"):
         _evaluate(models, config, data, test_sets, device, seed_dir, run)
     return run
 

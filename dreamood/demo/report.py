@@ -21,6 +21,11 @@ __all__ = ["aggregate", "build_blocks", "print_summary", "render_html", "render_
 # The metrics shown in tables, with their headers (fractions are shown as percentages).
 _METRICS = {"fpr95": "FPR95 (ID+)", "fpr95_ood_positive": "FPR95 (OOD+)", "auroc": "AUROC"}
 _GROUP_TITLES = {"near": "near-OOD", "far": "far-OOD", "far_matched": "far-OOD, matched"}
+_GROUP_COLUMNS = {"near": "near", "far": "far", "far_matched": "matched"}
+_LEGEND = (
+    "near = the digits outside the ID classes; far = textures, faces and photos (mean over the three sets); "
+    "matched = the same far-OOD images with the pixel values of ID digits."
+)
 _LABELS = {
     "ce": "(a) cross-entropy only",
     "dream_ood": "(b) DREAM-OOD",
@@ -111,7 +116,7 @@ def summary_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["method", "ID acc"]
     groups = [g for g in _GROUP_TITLES if g in metrics["aggregate"]["ce"]["groups"]]
     for group in groups:
-        header += [f"{_GROUP_TITLES[group]} FPR95", f"{_GROUP_TITLES[group]} AUROC"]
+        header += [f"{_GROUP_COLUMNS[group]} FPR95", f"{_GROUP_COLUMNS[group]} AUROC"]
     rows = []
     for key, stats in metrics["aggregate"].items():
         seeds = stats["seeds"]
@@ -324,8 +329,7 @@ def build_blocks(metrics: dict[str, Any]) -> list[Block]:
             header,
             rows,
             "Energy score for models (a)-(e); post-hoc scores on model (a). FPR95 (ID+) = fraction of OOD images "
-            "accepted when 95% of ID test images are (lower is better); AUROC higher is better; in %. Far-OOD "
-            "columns average textures, faces and photos.",
+            "accepted when 95% of ID test images are (lower is better); AUROC higher is better; in %. " + _LEGEND,
         )
     )
     blocks.append(Block("list", rows=tuple((line,) for line in findings(metrics))))
@@ -582,6 +586,7 @@ def print_summary(metrics: dict[str, Any], out_dir: Path, *, enabled: bool = Tru
             line(header),
             "  ".join("-" * w for w in widths),
             *(line(r) for r in rows),
+            _wrap(_LEGEND, indent=""),
             "",
             *(_wrap(f"* {sentence}") for sentence in findings(metrics)),
             "",
@@ -594,7 +599,7 @@ def print_summary(metrics: dict[str, Any], out_dir: Path, *, enabled: bool = Tru
     return text
 
 
-def _wrap(text: str, width: int = 110) -> str:
+def _wrap(text: str, width: int = 110, indent: str = "  ") -> str:
     import textwrap
 
-    return textwrap.fill(text, width=width, subsequent_indent="  ")
+    return textwrap.fill(text, width=width, subsequent_indent=indent)
