@@ -119,8 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run_all, stages=())
     commands.add_parser(
         "demo",
-        help="the interactive demo (all its options: dreamood demo --help)",
-        description="The interactive demo; every argument after `demo` is passed to it.",
+        help="run DREAM-OOD end to end on bundled digits, offline (options: dreamood demo --help)",
+        description=(
+            "Run every DREAM-OOD stage offline on scikit-learn's digits and write a report; "
+            "every argument after `demo` is passed to it."
+        ),
         add_help=False,
     )
     return parser

@@ -50,6 +50,8 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        # mkstemp creates the file readable by its owner only; give it the usual permissions (0666 - umask).
+        os.fchmod(fd, 0o666 & ~_current_umask())
         with _naming_path(target):
             with os.fdopen(fd, mode) as handle:
                 yield handle
@@ -121,6 +123,12 @@ def remove_temporaries(path: str | os.PathLike[str]) -> int:
             stale.unlink()
             removed += 1
     return removed
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def sidecar_path(path: str | os.PathLike[str]) -> Path:

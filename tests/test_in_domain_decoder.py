@@ -58,10 +58,10 @@ def _cosine_alphas_cumprod(steps: int) -> np.ndarray:
 def _reference_ddim(
     model: InDomainDiffusionDecoder, vectors: Tensor, seeds: list[int], steps: int, scale: float
 ) -> Tensor:
-    """Guided deterministic DDIM (Song et al. 2021, eta = 0) with 'trailing' timesteps, written out in float64."""
+    """Guided deterministic DDIM (Song et al. 2021, eta = 0) with 'leading' timesteps, written out in float64."""
     total = model.num_train_timesteps
     alphas = _cosine_alphas_cumprod(total)
-    timesteps = [round(float(t)) - 1 for t in np.arange(total, 0, -total / steps)]
+    timesteps = [i * (total // steps) for i in reversed(range(steps))]
     shape = (1, model.in_channels, model.image_size, model.image_size)
     x = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).double()
     null = model.network_.null_embedding.detach().expand(len(seeds), -1)

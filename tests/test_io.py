@@ -86,3 +86,13 @@ def test_checkpoint_truncated_and_missing(tmp_path: Path) -> None:
         load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_atomic_write_gives_the_usual_permissions(tmp_path: Path) -> None:
+    mask = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "report.md", "w") as handle:
+            handle.write("readable by everyone")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644

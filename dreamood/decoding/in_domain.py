@@ -520,7 +520,9 @@ class InDomainDiffusionDecoder:
             num_train_timesteps=self.num_train_timesteps,
             beta_schedule=self.beta_schedule,
             clip_sample=False,
-            timestep_spacing="trailing",
+            # "trailing" would start at t = T - 1, where the cosine schedule's alpha_bar is ~1e-9: without
+            # clipping, the x0 estimate is amplified ~1e4 times and every image saturates to black and white.
+            timestep_spacing="leading",
         )
         scheduler.set_timesteps(steps, device=self.device)
         guided = scale != 1.0
