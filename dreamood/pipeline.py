@@ -19,6 +19,12 @@ stopped (Phase 1, generation and Phase 3 also resume inside the stage, from thei
 the images already written). Every artefact is written atomically. A stage is redone when it is named in
 ``force``; the artefacts after it are not touched, so force those too when an earlier stage changed.
 
+The paper's baselines run on the same data, each in ``output_dir/baselines/<name>/`` and skipped when its
+result exists: GODIN and GAN-based outlier synthesis for OOD detection (:meth:`Pipeline.ood_baseline`, paper
+Tables 1 and 3), and for DREAM-ID's generalisation (:meth:`Pipeline.generalization_baseline`, Table 4) a
+cross-entropy model, RandAugment, AutoAugment, AugMix and CutMix copies and generic-prompt images appended in
+DREAM-ID's number, and MEMO on the cross-entropy model. Their settings are in :class:`BaselineConfig`.
+
 :func:`smoke_setup` builds a tiny configuration with random data and randomly initialised tiny models, so
 the whole wiring runs on a CPU in seconds.
 """
@@ -30,14 +36,14 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from dreamood._utils import resolve_device
@@ -46,6 +52,7 @@ from dreamood.io import atomic_write, load_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:
     from dreamood.anchors import TokenEmbeddings
+    from dreamood.baselines import ConfidenceGAN, GodinClassifier
     from dreamood.encoder import TextConditionedEncoder
     from dreamood.evaluation import OODReport
     from dreamood.feature_bank import FeatureBank
@@ -55,12 +62,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ARTIFACTS",
+    "GENERALIZATION_BASELINES",
+    "OOD_BASELINES",
+    "SMOKE_BASELINES",
     "STAGES",
+    "BaselineConfig",
     "Pipeline",
     "PipelineData",
+    "accuracy_table",
+    "baselines_of",
     "build_backbone",
     "build_data",
     "class_names_of",
+    "ood_table",
+    "parse_baselines",
     "smoke_setup",
 ]
 
@@ -94,7 +109,113 @@ ARTIFACTS: dict[str, str] = {
     "report": "report.json",
 }
 
+#: Baselines of a DREAM-OOD run (OOD detection, paper Tables 1 and 3).
+OOD_BASELINES: tuple[str, ...] = ("godin", "gan")
+
+#: Baselines of a DREAM-ID run (generalisation, paper Table 4); ``cross-entropy`` is the model MEMO adapts.
+GENERALIZATION_BASELINES: tuple[str, ...] = (
+    "cross-entropy",
+    "randaugment",
+    "autoaugment",
+    "augmix",
+    "cutmix",
+    "generic-prompts",
+    "memo",
+)
+
 Transform = Callable[[Any], Any]
+
+
+def baselines_of(method: str) -> tuple[str, ...]:
+    """The baselines a run of ``method`` is compared with.
+
+    Args:
+        method: ``"dream-ood"`` or ``"dream-id"``.
+
+    Returns:
+        :data:`OOD_BASELINES` for DREAM-OOD, :data:`GENERALIZATION_BASELINES` for DREAM-ID.
+
+    Raises:
+        ValueError: ``method`` is unknown.
+    """
+    if method == "dream-ood":
+        return OOD_BASELINES
+    if method == "dream-id":
+        return GENERALIZATION_BASELINES
+    raise ValueError(f"method must be 'dream-ood' or 'dream-id', got {method!r}")
+
+
+def parse_baselines(text: str, method: str) -> tuple[str, ...]:
+    """Read a list of baselines such as ``"godin,gan"``, ``"all"`` or ``""`` (none) for a run of ``method``.
+
+    Args:
+        text: Comma-separated baseline names, ``"all"`` (every baseline of ``method``) or empty.
+        method: ``"dream-ood"`` or ``"dream-id"``.
+
+    Returns:
+        The names, in the order given, without duplicates.
+
+    Raises:
+        ValueError: A name is not a baseline of ``method``.
+    """
+    known = baselines_of(method)
+    if text.strip() == "all":
+        return known
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(
+            f"unknown baseline(s) {', '.join(unknown)} for {method}: choose from {', '.join(known)}, or all"
+        )
+    return names
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """Settings of the baselines, from their papers and public code; their training follows ``config.training``.
+
+    Every baseline is trained from scratch with the configuration's from-scratch recipe (``training.epochs`` and
+    ``training.lr``, or ``training.pretrain_epochs`` and ``training.pretrain_lr`` when the run fine-tunes a
+    pre-trained model, as on ImageNet-100), the same backbone, batch sizes, momentum and weight decay.
+
+    Attributes:
+        godin_similarity: GODIN's ``h`` (Hsu et al., CVPR 2020): ``"cosine"`` (the paper's best), ``"inner"`` or
+            ``"euclidean"``.
+        godin_validation_images: ID training images (without augmentation, a seeded random subset) on which GODIN
+            chooses its input perturbation; no OOD image is used.
+        gan_beta: Weight of the KL-to-uniform term (Lee et al., ICLR 2018): their code's 0.1 for CIFAR-10.
+        gan_width: Base feature maps of the DCGAN generator and discriminator (64, as DCGAN and their code).
+        memo_augmentations: MEMO's AugMix copies per test image (Zhang et al., NeurIPS 2022; 64 on ImageNet).
+        memo_lr: MEMO's learning rate (ImageNet ResNet-50: 2.5e-4).
+        memo_prior_strength: MEMO's BatchNorm prior strength (ImageNet: 16), ``None`` for running statistics.
+
+    Raises:
+        ValueError: A setting is out of range.
+    """
+
+    godin_similarity: str = "cosine"
+    godin_validation_images: int = 1000
+    gan_beta: float = 0.1
+    gan_width: int = 64
+    memo_augmentations: int = 64
+    memo_lr: float = 2.5e-4
+    memo_prior_strength: float | None = 16.0
+
+    def __post_init__(self) -> None:
+        from dreamood._validation import check_choice, check_positive, check_positive_int
+
+        check_choice(self.godin_similarity, ("cosine", "inner", "euclidean"), "godin_similarity")
+        check_positive_int(self.godin_validation_images, "godin_validation_images")
+        check_positive(self.gan_beta, "gan_beta", allow_zero=True)
+        check_positive_int(self.gan_width, "gan_width")
+        check_positive_int(self.memo_augmentations, "memo_augmentations")
+        check_positive(self.memo_lr, "memo_lr")
+        if self.memo_prior_strength is not None:
+            check_positive(self.memo_prior_strength, "memo_prior_strength", allow_zero=True)
+
+
+#: The baselines' settings of a smoke run: a narrow DCGAN, few GODIN validation images and MEMO copies (seconds).
+SMOKE_BASELINES = BaselineConfig(godin_validation_images=32, gan_width=8, memo_augmentations=4)
 
 
 @dataclass
@@ -109,6 +230,9 @@ class PipelineData:
         ood: OOD test sets by name.
         generated_transform: Transform of the generated images when they are read for training.
         generalization: Extra labelled ID test sets (ImageNet-A, ImageNet-V2) whose accuracy DREAM-ID reports.
+        raw_train: The ID training images before augmentation and normalisation (RGB PIL images of the ID size, or
+            tensors in ``[0, 1]``), with labels; the augmentation baselines augment these and then apply
+            ``generated_transform``.
     """
 
     class_names: list[str]
@@ -118,11 +242,15 @@ class PipelineData:
     ood: dict[str, Dataset[Any]]
     generated_transform: Transform | None = None
     generalization: dict[str, Dataset[Any]] = field(default_factory=dict)
+    raw_train: Dataset[Any] | None = None
+
+
+def _image_size(config: PipelineConfig) -> int:
+    return config.data.image_size or (224 if config.benchmark == "imagenet100" else 32)
 
 
 def _small_input(config: PipelineConfig) -> bool:
-    size = config.data.image_size or (224 if config.benchmark == "imagenet100" else 32)
-    return size <= 64
+    return _image_size(config) <= 64
 
 
 def class_names_of(config: PipelineConfig) -> list[str]:
@@ -181,15 +309,18 @@ def build_data(config: PipelineConfig) -> PipelineData:
     names = class_names_of(config)
     train_t, test_t = (get_transform(benchmark, split, image_size=data.image_size) for split in ("train", "test"))
     generated_t = get_transform(benchmark, "generated", image_size=data.image_size)
+    raw_t = _raw_transform(config)
     root = Path(data.root).expanduser()
     generalization: dict[str, Dataset[Any]] = {}
     if benchmark == "cifar100":
         train = cifar100(root, True, train_t, download=data.download)
         bank = cifar100(root, True, test_t)
+        raw = cifar100(root, True, raw_t)
         test = cifar100(root, False, test_t)
     elif benchmark == "imagenet100":
         train = ImageNet100(root, "train", train_t)
         bank = ImageListDataset(train.samples, test_t, classes=train.classes)
+        raw = ImageListDataset(train.samples, raw_t, classes=train.classes)
         test = ImageNet100(root, "val", test_t)
         if data.imagenet_a is not None:
             generalization["ImageNet-A"] = ImageNetA(data.imagenet_a, test_t)
@@ -198,11 +329,32 @@ def build_data(config: PipelineConfig) -> PipelineData:
     else:
         train = class_folder_dataset(root / "train", train_t)
         bank = ImageListDataset(train.samples, test_t, classes=train.classes)
+        raw = ImageListDataset(train.samples, raw_t, classes=train.classes)
         test = class_folder_dataset(root / "test", test_t, classes=train.classes)
     if len(names) != len(getattr(train, "classes", names)):
         raise ValueError(f"data.class_names has {len(names)} names but the training set has {len(train.classes)}")
     ood = ood_test_sets(benchmark, data.ood_root, test_t, names=data.ood_sets, paths=data.ood_paths)
-    return PipelineData(names, train, bank, test, ood, generated_t, generalization)
+    return PipelineData(names, train, bank, test, ood, generated_t, generalization, raw_train=raw)
+
+
+def _normalization(benchmark: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel mean and standard deviation the benchmark's transforms normalise with."""
+    from dreamood.data.transforms import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
+
+    return (CIFAR_MEAN, CIFAR_STD) if benchmark == "cifar100" else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _rgb(image: Any) -> Any:
+    return image.convert("RGB")
+
+
+def _raw_transform(config: PipelineConfig) -> Transform:
+    """RGB, resized and center-cropped to the ID size: the images the augmentation baselines start from."""
+    import torchvision.transforms as T
+
+    size = _image_size(config)
+    composed: Transform = T.Compose([_rgb, T.Resize(size), T.CenterCrop(size)])
+    return composed
 
 
 def build_backbone(name: str, *, small_input: bool, seed: int | None = None) -> ResNetFeatures | SmallConvNet:
@@ -288,11 +440,13 @@ class Pipeline:
         decoder_factory: Builds the image decoder (any :class:`~dreamood.protocols.EmbeddingDecoder`) from the
             configuration and the class names; ``None`` loads Stable Diffusion (``generation.model``) with
             :meth:`~dreamood.decoding.stable_diffusion.StableDiffusionDecoder.from_pretrained`.
+        baselines: Settings of the baselines (``None``: the papers' :class:`BaselineConfig`).
 
     Attributes:
         config: The configuration.
         output_dir: Where the artefacts are written.
         device: The device stages run on.
+        baselines: The baselines' settings.
 
     Raises:
         ValueError: A name in ``force`` is not a stage.
@@ -305,6 +459,7 @@ class Pipeline:
         *,
         force: Sequence[str] = (),
         decoder_factory: Callable[[PipelineConfig, list[str]], EmbeddingDecoder] | None = None,
+        baselines: BaselineConfig | None = None,
     ) -> None:
         unknown = [stage for stage in force if stage not in STAGES]
         if unknown:
@@ -315,6 +470,7 @@ class Pipeline:
         self.force = frozenset(force)
         self._data = data
         self._decoder_factory = decoder_factory
+        self.baselines = BaselineConfig() if baselines is None else baselines
 
     # ---- bookkeeping ------------------------------------------------------------------------------------
 
@@ -402,8 +558,11 @@ class Pipeline:
                 handle.write(json.dumps(current, indent=2))
         return path
 
-    def _loader(self, dataset: Dataset[Any], batch_size: int, *, shuffle: bool) -> DataLoader[Any]:
-        generator = torch.Generator().manual_seed(self.config.seed) if shuffle else None
+    def _loader(
+        self, dataset: Dataset[Any], batch_size: int, *, shuffle: bool, seed: int | None = None
+    ) -> DataLoader[Any]:
+        """A loader of ``dataset``; shuffled by a generator seeded with ``seed`` (default: the run's seed)."""
+        generator = torch.Generator().manual_seed(self.config.seed if seed is None else seed) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -608,10 +767,7 @@ class Pipeline:
         if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per process
         with self._stage("images"):
-            if self._decoder_factory is not None:
-                decoder = self._decoder_factory(self.config, self.class_names)
-            else:
-                decoder = _make_decoder(self.config, self.class_names, device)
+            decoder = self._decoder(device)
             generate_images(
                 decoder,
                 samples,
@@ -740,7 +896,6 @@ class Pipeline:
                 handle.write(report.to_markdown() + "\n")
         return report
 
-    @torch.no_grad()
     def generalization(self, model: nn.Module) -> dict[str, float]:
         """Top-1 accuracy on the ID test set and on each generalisation set (ImageNet-A, ImageNet-V2).
 
@@ -752,20 +907,310 @@ class Pipeline:
         Returns:
             Accuracy (a fraction) by set name, also saved to ``generalization.json``.
         """
-        model = model.to(self.device).eval()
+        return self._accuracy_table(model.to(self.device), self.output_dir / "generalization.json", "generalization")
+
+    def _accuracy_table(self, model: Callable[[Tensor], Tensor], path: Path, name: str) -> dict[str, float]:
+        """Top-1 accuracy of ``model`` on the ID test set and each generalisation set, written to ``path``."""
+        from dreamood.baselines import classification_accuracy
+
         sets = {"ID test": self.data.test, **self.data.generalization}
         accuracy: dict[str, float] = {}
-        for name, dataset in sets.items():
-            correct = seen = 0
-            for images, labels in self._loader(dataset, self.config.evaluation.batch_size, shuffle=False):
-                predictions = model(images.to(self.device)).argmax(dim=1).cpu()
-                correct += int((predictions == torch.as_tensor(labels)).sum())
-                seen += len(predictions)
-            accuracy[name] = correct / max(seen, 1)
-            logger.info("[generalization] %s: top-1 accuracy %.2f%%", name, 100 * accuracy[name])
-        with atomic_write(self.output_dir / "generalization.json", "w") as handle:
-            handle.write(json.dumps(accuracy, indent=2))
+        for set_name, dataset in sets.items():
+            loader = self._loader(dataset, self.config.evaluation.batch_size, shuffle=False)
+            accuracy[set_name] = classification_accuracy(
+                model, loader, device=self.device, progress_bar=self.config.progress
+            )
+            logger.info("[%s] %s: top-1 accuracy %.2f%%", name, set_name, 100 * accuracy[set_name])
+        if _is_main_process():
+            with atomic_write(path, "w") as handle:
+                handle.write(json.dumps(accuracy, indent=2))
         return accuracy
+
+    # ---- the baselines ----------------------------------------------------------------------------------
+
+    def baseline_dir(self, name: str) -> Path:
+        """The folder of a baseline's artefacts: ``output_dir/baselines/<name>``.
+
+        Args:
+            name: A name from :data:`OOD_BASELINES` or :data:`GENERALIZATION_BASELINES`.
+
+        Returns:
+            The folder.
+
+        Raises:
+            ValueError: ``name`` is not a baseline.
+        """
+        known = (*OOD_BASELINES, *GENERALIZATION_BASELINES)
+        if name not in known:
+            raise ValueError(f"baseline must be one of {', '.join(known)}, got {name!r}")
+        return self.output_dir / "baselines" / name
+
+    def ood_baseline(self, name: str) -> OODReport:
+        """Train (or load) an OOD-detection baseline and evaluate it on the run's OOD test sets.
+
+        * ``"godin"``: a :class:`~dreamood.baselines.GodinClassifier` on the run's backbone (Hsu et al., CVPR 2020),
+          scored by :class:`~dreamood.baselines.GODIN` with the input perturbation chosen on
+          ``baselines.godin_validation_images`` ID training images; ``godin.json`` records the choice.
+        * ``"gan"``: the run's classifier trained jointly with a DCGAN whose samples it learns to give a uniform
+          prediction (Lee et al., ICLR 2018), scored with the maximum softmax probability. Needs a power-of-two
+          image size (CIFAR's 32; not ImageNet's 224). The loop's checkpoints do not hold the GAN, so an
+          interrupted GAN training starts again.
+
+        The evaluation follows ``config.evaluation`` (protocol, repeats) like the main report. Skipped when
+        ``baselines/<name>/report.json`` exists (delete the folder to redo it).
+
+        Args:
+            name: ``"godin"`` or ``"gan"``.
+
+        Returns:
+            The report, saved to ``baselines/<name>/report.json`` and ``report.md``.
+
+        Raises:
+            ValueError: ``name`` is not an OOD baseline, or the GAN cannot generate images of the ID size.
+        """
+        if name not in OOD_BASELINES:
+            raise ValueError(f"name must be one of the OOD baselines {', '.join(OOD_BASELINES)}, got {name!r}")
+        folder = self.baseline_dir(name)
+        path = folder / "report.json"
+        if path.is_file():
+            from dreamood.evaluation import OODReport
+
+            logger.info("[baseline %s] skipped: %s exists", name, path)
+            return OODReport.from_json(path)
+        from dreamood.baselines import GODIN, classification_accuracy
+        from dreamood.detectors import MSP
+        from dreamood.evaluation import OODEvaluator
+
+        model = self._baseline_classifier(name)
+        cfg = self.config.evaluation
+        test_loader = self._loader(self.data.test, cfg.batch_size, shuffle=False)
+        ood = {
+            set_name: self._loader(dataset, cfg.batch_size, shuffle=False)
+            for set_name, dataset in self.data.ood.items()
+        }
+        settings: dict[str, Any] = {
+            "protocol": cfg.protocol,
+            "repeats": cfg.repeats,
+            "seed": self.config.seed,
+            "device": self.device,
+            "progress": self.config.progress,
+        }
+        logger.info("[baseline %s] evaluating", name)
+        if name == "godin":
+            detector = GODIN(model, batch_size=cfg.batch_size, device=self.device).fit(self._godin_validation_loader())
+            if _is_main_process():
+                scores = {f"{epsilon:g}": score for epsilon, score in detector.validation_scores_.items()}
+                with atomic_write(folder / "godin.json", "w") as handle:
+                    handle.write(json.dumps({"epsilon": detector.epsilon_, "validation_scores": scores}, indent=2))
+            report = OODEvaluator(detector, accuracy=False, **settings).evaluate(test_loader, ood)
+            accuracy = classification_accuracy(model, test_loader, device=self.device, progress_bar=False)
+            report = replace(report, id_accuracy=accuracy)
+        else:
+            report = OODEvaluator(MSP(), model=model, **settings).evaluate(test_loader, ood)
+        if _is_main_process():
+            report.to_json(path)
+            with atomic_write(folder / "report.md", "w") as handle:
+                handle.write(report.to_markdown() + "\n")
+        return report
+
+    def generalization_baseline(self, name: str) -> dict[str, float]:
+        """Train (or load) a generalisation baseline of DREAM-ID and measure its top-1 accuracy.
+
+        As DREAM-ID appends ``generation.images_per_class`` generated inliers per class, each baseline trains the
+        run's classifier from scratch on the ID training set plus as many images per class (paper Table 4):
+
+        * ``"cross-entropy"``: nothing appended (the reference, and the model MEMO adapts);
+        * ``"randaugment"``, ``"autoaugment"``, ``"augmix"``, ``"cutmix"``: a fixed pool of augmented copies of the
+          training images (:class:`~dreamood.baselines.AugmentedPool`), read through ``generated_transform``;
+          CutMix's mixed labels train with :func:`~dreamood.baselines.train_supervised`;
+        * ``"generic-prompts"``: the decoder's plain prompt ``"A high-quality photo of a {class}"`` rendered with
+          the seeds scheme of DREAM-ID's images (:func:`~dreamood.baselines.generate_generic_prompt_images`);
+        * ``"memo"``: the ``"cross-entropy"`` model adapted to every test image (Zhang et al., NeurIPS 2022).
+
+        Skipped when ``baselines/<name>/generalization.json`` exists (delete the folder to redo it).
+
+        Args:
+            name: A name from :data:`GENERALIZATION_BASELINES`.
+
+        Returns:
+            Accuracy (a fraction) on the ID test set and each generalisation set, also saved to
+            ``baselines/<name>/generalization.json``.
+
+        Raises:
+            ValueError: ``name`` is not a generalisation baseline.
+        """
+        if name not in GENERALIZATION_BASELINES:
+            raise ValueError(
+                f"name must be one of the generalisation baselines {', '.join(GENERALIZATION_BASELINES)}, got {name!r}"
+            )
+        path = self.baseline_dir(name) / "generalization.json"
+        if path.is_file():
+            logger.info("[baseline %s] skipped: %s exists", name, path)
+            accuracy: dict[str, float] = json.loads(path.read_text())
+            return accuracy
+        if name == "memo":
+            model: Callable[[Tensor], Tensor] = self._memo(self._baseline_classifier("cross-entropy"))
+        else:
+            model = self._baseline_classifier(name)
+        return self._accuracy_table(model, path, f"baseline {name}")
+
+    def _scratch_recipe(self) -> dict[str, Any]:
+        """The options of a model trained from scratch: the pre-training recipe when the run fine-tunes."""
+        cfg = self.config.training
+        epochs, lr = (cfg.pretrain_epochs, cfg.pretrain_lr) if cfg.pretrain_epochs > 0 else (cfg.epochs, cfg.lr)
+        return {
+            "epochs": epochs,
+            "lr": lr,
+            "momentum": cfg.momentum,
+            "weight_decay": cfg.weight_decay,
+            "device": self.config.device,
+            "seed": self.config.seed,
+            "progress": self.config.progress,
+        }
+
+    def _baseline_classifier(self, name: str) -> nn.Module:
+        """Train a baseline's classifier, or load it from ``baselines/<name>/classifier.pt``."""
+        folder = self.baseline_dir(name)
+        path = folder / "classifier.pt"
+        model: nn.Module = self._new_godin() if name == "godin" else self._new_classifier()
+        if path.is_file():
+            logger.info("[baseline %s] classifier loaded from %s", name, path)
+            model.load_state_dict(_saved_weights(path))
+            return model.to(self.device).eval()
+        from dreamood.baselines import GodinClassifier, UniformKLRegularizer, train_godin, train_supervised
+        from dreamood.training import train_classifier
+
+        gan = self._new_gan() if name == "gan" else None  # checks the image size before anything is trained
+
+        cfg = self.config.training
+        recipe = self._scratch_recipe()
+        # The shared loop resumes from its per-epoch checkpoint; the baselines' own loops (GODIN, CutMix) do not.
+        loop = {**recipe, "amp": cfg.amp, "output_dir": folder / "training", "resume": True}
+        id_loader = self._loader(self.data.train, cfg.batch_size, shuffle=True)
+        logger.info("[baseline %s] training for %d epochs", name, recipe["epochs"])
+        start = time.perf_counter()
+        _seed_global_rngs(self.config.seed)  # the image augmentations draw from the global generators
+        if isinstance(model, GodinClassifier):
+            train_godin(model, id_loader, **recipe)
+        elif gan is not None:
+            real_loader = self._loader(self.data.train, cfg.batch_size, shuffle=True, seed=self.config.seed + 1)
+            train_classifier(
+                model,
+                id_loader,
+                outlier_loader=gan.outlier_loader(real_loader, model),
+                regularizer=UniformKLRegularizer(),
+                **{**loop, "beta": gan.beta, "resume": False},
+            )
+            if _is_main_process():
+                save_checkpoint(folder / "dcgan.pt", {"model": gan.state_dict()})
+        elif name == "cross-entropy":
+            train_classifier(model, id_loader, **loop)
+        else:
+            extra = self._loader(self._appended_images(name), cfg.outlier_batch_size, shuffle=True)
+            if name == "cutmix":  # mixed labels: the loop that takes target distributions
+                train_supervised(model, id_loader, synthetic_id_loader=extra, **recipe)
+            else:
+                train_classifier(model, id_loader, synthetic_id_loader=extra, **loop)
+        if _is_main_process():
+            save_checkpoint(path, {"model": model.state_dict()})
+        _barrier()
+        logger.info("[baseline %s] trained in %.1f s: %s", name, time.perf_counter() - start, path)
+        return model.eval()
+
+    def _appended_images(self, name: str) -> Dataset[Any]:
+        """The labelled images a generalisation baseline appends: augmented copies or generic-prompt images."""
+        from dreamood.data.generated import GeneratedImageFolder
+
+        per_class = self.config.generation.images_per_class
+        if name == "generic-prompts":
+            from dreamood.baselines import generate_generic_prompt_images
+
+            cfg = self.config.generation
+            folder = self.baseline_dir(name) / "images"
+            decoder = self._decoder(self.device)
+            generate_generic_prompt_images(
+                decoder,  # type: ignore[arg-type]
+                folder,
+                per_class,
+                batch_size=cfg.batch_size,
+                seed=self.config.seed,
+                show_progress=self.config.progress,
+            )
+            return GeneratedImageFolder(folder, transform=self.data.generated_transform)
+        from dreamood.baselines import AugmentedPool
+
+        if self.data.raw_train is None:
+            raise ValueError(
+                f"the {name} baseline augments the raw ID training images, but PipelineData.raw_train is None"
+            )
+        return AugmentedPool(
+            self.data.raw_train,
+            name,
+            num_per_class=per_class,
+            num_classes=len(self.class_names),
+            seed=self.config.seed,
+            transform=_AfterAugmentation(self.data.generated_transform),
+        )
+
+    def _godin_validation_loader(self) -> DataLoader[Any]:
+        """A seeded random subset of the ID training images without augmentation, for GODIN's epsilon."""
+        from torch.utils.data import Subset
+
+        count = min(self.baselines.godin_validation_images, len(self.data.bank))  # type: ignore[arg-type]
+        generator = torch.Generator().manual_seed(self.config.seed)
+        indices = torch.randperm(len(self.data.bank), generator=generator)[:count].tolist()  # type: ignore[arg-type]
+        return self._loader(Subset(self.data.bank, indices), self.config.evaluation.batch_size, shuffle=False)
+
+    def _new_godin(self) -> GodinClassifier:
+        from dreamood.baselines import GodinClassifier
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            backbone = build_backbone(self.config.training.backbone, small_input=_small_input(self.config))
+            return GodinClassifier(backbone, len(self.class_names), similarity=self.baselines.godin_similarity)
+
+    def _new_gan(self) -> ConfidenceGAN:
+        from dreamood.baselines import ConfidenceGAN
+
+        size = _image_size(self.config)
+        if size < 8 or size & (size - 1):
+            raise ValueError(
+                f"the GAN baseline's DCGAN makes square images of a power-of-two side (32 for CIFAR); the ID images "
+                f"are {size}x{size}: set data.image_size to a power of two or leave this baseline out"
+            )
+        mean, std = _normalization(self.config.benchmark)
+        return ConfidenceGAN(
+            size,
+            3,
+            generator_width=self.baselines.gan_width,
+            discriminator_width=self.baselines.gan_width,
+            beta=self.baselines.gan_beta,
+            mean=mean,
+            std=std,
+            seed=self.config.seed,
+            device=self.device,
+        )
+
+    def _memo(self, model: nn.Module) -> Callable[[Tensor], Tensor]:
+        from dreamood.baselines import MEMO, augmentation_transform
+
+        mean, std = _normalization(self.config.benchmark)
+        return MEMO(
+            model,
+            _PixelSpace(augmentation_transform("augmix"), mean, std),
+            num_augmentations=self.baselines.memo_augmentations,
+            lr=self.baselines.memo_lr,
+            prior_strength=self.baselines.memo_prior_strength,
+            seed=self.config.seed,
+            device=self.device,
+            progress=self.config.progress,
+        )
+
+    def _decoder(self, device: torch.device) -> Any:
+        """The image decoder: the factory's, else Stable Diffusion from ``generation.model``."""
+        if self._decoder_factory is not None:
+            return self._decoder_factory(self.config, self.class_names)
+        return _make_decoder(self.config, self.class_names, device)
 
     def run(self) -> OODReport:
         """Run every stage in order (skipping those already done) and return the evaluation report.
@@ -808,6 +1253,69 @@ def _make_decoder(config: PipelineConfig, class_names: list[str], device: torch.
     )
 
 
+def ood_table(reports: Mapping[str, OODReport]) -> str:
+    """A markdown table comparing methods by their mean over the OOD sets.
+
+    Args:
+        reports: One report per method, by method name.
+
+    Returns:
+        The table: mean FPR95 (ID positive, the paper's), mean AUROC and ID accuracy, in %.
+    """
+    lines = ["| method | mean FPR95 (ID+) | mean AUROC | ID accuracy |", "|---|---|---|---|"]
+    for name, report in reports.items():
+        mean = report.mean.metrics
+        accuracy = "-" if report.id_accuracy is None else f"{100 * report.id_accuracy:.2f}"
+        lines.append(f"| {name} | {100 * mean['fpr95']:.2f} | {100 * mean['auroc']:.2f} | {accuracy} |")
+    return "\n".join(lines)
+
+
+def accuracy_table(accuracies: Mapping[str, Mapping[str, float]]) -> str:
+    """A markdown table of top-1 accuracy by method and test set.
+
+    Args:
+        accuracies: ``{method: {test set: accuracy}}``, every method with the same test sets.
+
+    Returns:
+        The table, accuracies in %.
+    """
+    sets = list(next(iter(accuracies.values()), {}))
+    lines = ["| method | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+    for name, row in accuracies.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * row[key]:.2f}" for key in sets) + " |")
+    return "\n".join(lines)
+
+
+class _AfterAugmentation:
+    """Read an augmented image in ``[0, 1]`` as a generated image is read: as a PIL image through ``transform``."""
+
+    def __init__(self, transform: Transform | None) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Tensor) -> Any:
+        if self.transform is None:
+            return image
+        from torchvision.transforms.functional import to_pil_image
+
+        return self.transform(to_pil_image(image))
+
+
+class _PixelSpace:
+    """Apply an augmentation of ``[0, 1]`` images to a normalised image: undo the normalisation, augment, redo it."""
+
+    def __init__(self, transform: Transform, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.transform = transform
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+
+    def __call__(self, image: Tensor) -> Tensor:
+        from dreamood.baselines import augment_image
+
+        pixels = (image * self.std + self.mean).clamp(0.0, 1.0)  # the clamp only removes rounding errors
+        augmented: Tensor = (augment_image(pixels, self.transform) - self.mean) / self.std
+        return augmented
+
+
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> Iterator[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new)):
@@ -837,9 +1345,10 @@ def smoke_setup(
 
     Every stage runs as in a real run, through the same code, but with a tiny randomly initialised Stable
     Diffusion (saved to ``model_dir`` and loaded back from there, like real weights), four classes of random
-    images (one random prototype per class plus noise), two random OOD sets, a small CNN, a few epochs and a
-    few generated images per class. The OOD numbers it produces mean nothing; the classifier does learn the
-    four classes.
+    images (one random prototype per class plus noise, pixels in ``[0, 1]``, normalised like the benchmark's
+    images), two random OOD sets, a rotated copy of the ID test set as generalisation set, a small CNN, a few
+    epochs and a few generated images per class. The OOD numbers it produces mean nothing; the classifier does
+    learn the four classes. Run the baselines with :data:`SMOKE_BASELINES`.
 
     Args:
         config: The configuration to shrink (its benchmark, method and seed are kept).
@@ -903,18 +1412,38 @@ def smoke_setup(
             "evaluation.batch_size": 64,
         }
     )
+    from dreamood.baselines import rotate_images
+
     generator = torch.Generator().manual_seed(config.seed)
     shape = (3, image_size, image_size)
-    prototypes = torch.randn(len(names), *shape, generator=generator)
+    prototypes = torch.rand(len(names), *shape, generator=generator)
+    mean, std = (torch.tensor(values).view(3, 1, 1) for values in _normalization(config.benchmark))
 
-    def labelled(count: int) -> TensorDataset:
+    def pixels(count: int) -> tuple[Tensor, Tensor]:
         labels = torch.arange(len(names)).repeat_interleave(count)
-        return TensorDataset(prototypes[labels] + 0.8 * torch.randn(len(labels), *shape, generator=generator), labels)
+        noise = 0.2 * torch.randn(len(labels), *shape, generator=generator)
+        return (prototypes[labels] + noise).clamp(0.0, 1.0), labels
 
-    train, test = labelled(per_class), labelled(max(per_class // 2, 3))
+    def normalized(images: Tensor, labels: Tensor | None = None) -> TensorDataset:
+        images = (images - mean) / std  # as the benchmark's transforms normalise real images
+        return TensorDataset(images) if labels is None else TensorDataset(images, labels)
+
+    train_pixels, train_labels = pixels(per_class)
+    test_pixels, test_labels = pixels(max(per_class // 2, 3))
+    train = normalized(train_pixels, train_labels)
     ood: dict[str, Dataset[Any]] = {
-        "Gaussian noise": TensorDataset(2.0 * torch.randn(40, *shape, generator=generator)),
-        "Uniform noise": TensorDataset(4.0 * torch.rand(40, *shape, generator=generator) - 2.0),
+        "Gaussian noise": normalized((0.5 + 0.25 * torch.randn(40, *shape, generator=generator)).clamp(0.0, 1.0)),
+        "Uniform noise": normalized(torch.rand(40, *shape, generator=generator)),
     }
-    generated_transform = get_transform(config.benchmark, "generated", image_size=image_size)
-    return small, PipelineData(names, train, train, test, ood, generated_transform)
+    rotated = rotate_images(test_pixels, 15.0, seed=config.seed)
+    data = PipelineData(
+        names,
+        train,
+        train,
+        normalized(test_pixels, test_labels),
+        ood,
+        generated_transform=get_transform(config.benchmark, "generated", image_size=image_size),
+        generalization={"ID test, rotated": normalized(rotated, test_labels)},
+        raw_train=TensorDataset(train_pixels, train_labels),
+    )
+    return small, data

@@ -9,6 +9,9 @@ Smoke run: the same stages with random data and tiny random models, on a CPU in 
 
     python examples/cifar100_pipeline.py --smoke --out /tmp/dreamood-smoke-cifar100
 
+--baselines all (or godin,gan) also trains the paper's OOD baselines on the same data and prints a comparison:
+GODIN (Hsu et al., CVPR 2020) and GAN-based outlier synthesis (Lee et al., ICLR 2018).
+
 Every stage writes its artefact to --out and is skipped when that artefact exists, so an interrupted run
 resumes where it stopped. docs/cli.md lists the expected time of each stage on one GPU.
 """
@@ -23,7 +26,7 @@ from typing import Any
 import torch
 
 from dreamood.config import load_config
-from dreamood.pipeline import Pipeline, smoke_setup
+from dreamood.pipeline import SMOKE_BASELINES, Pipeline, ood_table, parse_baselines, smoke_setup
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,8 +37,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sd", help="Stable Diffusion v1.4 folder (or Hugging Face model id in the local cache)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     parser.add_argument("--smoke", action="store_true", help="random data and tiny random models, CPU, seconds")
+    parser.add_argument("--baselines", default="", metavar="NAMES", help="'all' or a subset of godin,gan")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
+    try:
+        baselines = parse_baselines(args.baselines, "dream-ood")
+    except ValueError as error:
+        parser.error(f"--baselines: {error}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     # The paper's CIFAR-100 settings, pointed at your data and weights.
@@ -51,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(1)  # tiny models: extra threads only add overhead
         config, data = smoke_setup(config, args.out)
 
-    pipe = Pipeline(config, data)
+    pipe = Pipeline(config, data, baselines=SMOKE_BASELINES if args.smoke else None)
     pipe.write_config()
 
     # 1. Anchors T(y): each class name's row of Stable Diffusion's CLIP token-embedding table (768-d).
@@ -72,6 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 7. FPR95 / AUROC / AUPR of the negative energy on Textures, SVHN, Places365, LSUN-C and iSUN.
     report = pipe.evaluate(model)
     print(report.to_markdown())
+    if baselines:
+        # 8. The paper's baselines on the same data, each trained from scratch with the same recipe: GODIN
+        #    (decomposed confidence, input perturbation chosen on ID data) and a classifier trained jointly with
+        #    a GAN whose samples it must find uncertain (scored with the maximum softmax probability).
+        reports = {"DREAM-OOD": report, **{name: pipe.ood_baseline(name) for name in baselines}}
+        print(ood_table(reports))
     return 0
 
 

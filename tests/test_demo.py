@@ -26,7 +26,7 @@ from dreamood.demo.data import (
     parse_id_classes,
     to_digit_format,
 )
-from dreamood.demo.report import Block, aggregate, render_html, render_markdown
+from dreamood.demo.report import Block, aggregate, aggregate_accuracy, render_html, render_markdown
 
 # ---------------------------------------------------------------------------------------------------- digits
 
@@ -216,6 +216,21 @@ def test_aggregate_matches_numpy() -> None:
         aggregate([_report(seeds[0], None), _report({"a": seeds[1]["a"]}, None)], {})
 
 
+def test_aggregate_accuracy_matches_numpy() -> None:
+    rng = np.random.default_rng(1)
+    seeds = [{m: {"ID test": rng.uniform(), "rotated": rng.uniform()} for m in ("a", "b")} for _ in range(3)]
+    result = aggregate_accuracy(seeds)
+    assert list(result) == ["a", "b"] and list(result["b"]) == ["ID test", "rotated"]
+    values = np.array([seed["b"]["rotated"] for seed in seeds])
+    assert result["b"]["rotated"]["mean"] == pytest.approx(values.mean())
+    assert result["b"]["rotated"]["std"] == pytest.approx(values.std(ddof=1))
+    assert aggregate_accuracy(seeds[:1])["a"]["ID test"] == {"mean": seeds[0]["a"]["ID test"], "std": 0.0}
+    with pytest.raises(ValueError, match="different methods"):
+        aggregate_accuracy([seeds[0], {"a": seeds[1]["a"]}])
+    with pytest.raises(ValueError, match="empty"):
+        aggregate_accuracy([])
+
+
 class _Collect(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
@@ -286,7 +301,7 @@ def test_command_line_options() -> None:
 def test_quick_demo_runs_every_stage_and_reports_what_it_measured(tmp_path: Path) -> None:
     from sklearn.metrics import roc_auc_score
 
-    from dreamood.demo.pipeline import METHODS, set_groups
+    from dreamood.demo.pipeline import GENERALIZATION, METHODS, OOD_BASELINES, set_groups
 
     out, cache = tmp_path / "run", tmp_path / "cache"
     argv = ["--quick", "--out", str(out), "--cache-dir", str(cache), "--id-classes", "3,5,8", "--seed", "2"]
@@ -297,15 +312,18 @@ def test_quick_demo_runs_every_stage_and_reports_what_it_measured(tmp_path: Path
     names = list(metrics["data"]["ood_sets"])
     assert names == [name for group in set_groups().values() for name in group]
     posthoc = {"posthoc_msp", "posthoc_maxlogit", "posthoc_mahalanobis", "posthoc_knn", "posthoc_vim"}
-    assert set(METHODS) | posthoc | {"posthoc_react", "pixel_mean"} == set(metrics["aggregate"])
+    assert set(METHODS) | set(OOD_BASELINES) | posthoc | {"posthoc_react", "pixel_mean"} == set(metrics["aggregate"])
     for key, stats in metrics["aggregate"].items():
         saved = json.loads((out / "seed-2" / "reports" / f"{key}.json").read_text())
         assert [row["name"] for row in saved["rows"]] == names
         for row in saved["rows"]:
             assert stats["sets"][row["name"]]["auroc"]["mean"] == pytest.approx(row["metrics"]["auroc"])
-    for key in METHODS:
+    for key in [*METHODS, *OOD_BASELINES]:
         assert 0.0 <= metrics["aggregate"][key]["id_accuracy"]["mean"] <= 1.0
-        assert (out / "seed-2" / "classifiers" / key / "checkpoint.pt").is_file()
+    own_loops = {"godin", "cutmix"}  # trained by the baselines' own loops, which write no checkpoint
+    for key in [*METHODS, "godin", "gan", *(k for k in GENERALIZATION if k not in ("ce", "memo"))]:
+        name = "model.pt" if key in own_loops else "checkpoint.pt"
+        assert (out / "seed-2" / "classifiers" / key / name).is_file(), key
 
     # The evaluation sets are what they claim: recompute the pixel-mean detector's AUROC from scratch.
     data = load_digits_data((3, 5, 8), seed=2)
@@ -321,6 +339,8 @@ def test_quick_demo_runs_every_stage_and_reports_what_it_measured(tmp_path: Path
         expected = roc_auc_score(truth, np.r_[id_scores, ood_scores])
         assert metrics["aggregate"]["pixel_mean"]["sets"][name]["auroc"]["mean"] == pytest.approx(expected, abs=1e-4)
 
+    _check_baselines_against_scratch(out, metrics, data, sets)
+
     # Artefacts of every stage, figures, both reports.
     for path in (
         "artifacts/decoder/decoder.safetensors",
@@ -330,18 +350,34 @@ def test_quick_demo_runs_every_stage_and_reports_what_it_measured(tmp_path: Path
         "seed-2/artifacts/encoder/encoder_checkpoint.pt",
         "seed-2/outliers/dream-ood/manifest.jsonl",
         "seed-2/outliers/token-noise/manifest.jsonl",
+        "seed-2/artifacts/inlier_embeddings.safetensors",
+        "seed-2/classifiers/gan/dcgan.pt",
     ):
         assert (out / path).is_file(), path
-    assert set(metrics["figures"]) == {"data", "decoder", "embeddings", "sigmas", "outliers"}
+    assert set(metrics["figures"]) == {"data", "decoder", "embeddings", "sigmas", "outliers", "generalization"}
     for figure in metrics["figures"].values():
         assert (out / figure).read_bytes().startswith(b"\x89PNG")
     page = (out / "report.html").read_text()
     parser = _Collect()
     parser.feed(page)
-    assert parser.stack == [] and len(parser.images) == 5
+    assert parser.stack == [] and len(parser.images) == 6
     markdown = (out / "report.md").read_text()
     assert "What this benchmark can and cannot show" in markdown and "(b) DREAM-OOD" in markdown
-    assert set(metrics["timings_s"]) >= {"data", "decoder", "phase 3: classifiers", "evaluation"}
+    assert "| (f) GODIN |" in markdown and "| (g) GAN outliers, MSP |" in markdown
+    assert "## Generalisation: DREAM-ID and its baselines" in markdown and "What it cannot show" in markdown
+    for label in GENERALIZATION.values():
+        assert f"| {label} |" in markdown
+    assert set(metrics["timings_s"]) >= {
+        "data",
+        "decoder",
+        "phase 3: classifiers",
+        "OOD baselines: GODIN, GAN",
+        "evaluation",
+        "generalisation: DREAM-ID inliers",
+        "generalisation: classifiers",
+        "generalisation: accuracy",
+        "generalisation: MEMO",
+    }
 
     # A second run loads the decoder from the cache and, with the same seed, reproduces every number.
     again = tmp_path / "again"
@@ -349,7 +385,55 @@ def test_quick_demo_runs_every_stage_and_reports_what_it_measured(tmp_path: Path
     repeated = json.loads((again / "metrics.json").read_text())
     assert not metrics["decoder"]["from_cache"] and repeated["decoder"]["from_cache"]
     assert repeated["reports"] == metrics["reports"]
+    assert repeated["seeds"][0]["generalization"] == metrics["seeds"][0]["generalization"]
     for name in ("feature_bank.safetensors", "outlier_embeddings.safetensors"):
         assert (again / "seed-2" / "artifacts" / name).read_bytes() == (
             out / "seed-2" / "artifacts" / name
         ).read_bytes()
+
+
+def _check_baselines_against_scratch(
+    out: Path, metrics: dict[str, Any], data: Any, sets: dict[str, torch.Tensor]
+) -> None:
+    """Recompute what the GODIN and generalisation rows claim from the saved weights and from scratch."""
+    from sklearn.metrics import roc_auc_score
+
+    from dreamood.baselines import GODIN, GodinClassifier
+    from dreamood.demo.pipeline import GENERALIZATION
+    from dreamood.io import load_checkpoint
+    from dreamood.models import SmallConvNet
+
+    config, seed = metrics["config"], metrics["seeds"][0]
+    reports = {key: value[0] for key, value in metrics["reports"].items()}
+    backbone = SmallConvNet(1, config["classifier_feature_dim"], width=config["classifier_width"])
+    godin = GodinClassifier(backbone, len(data.class_names), similarity=config["godin_similarity"])
+    godin.load_state_dict(load_checkpoint(out / "seed-2" / "classifiers" / "godin" / "model.pt")["model"])
+    godin.eval()
+    with torch.no_grad():
+        h_id = godin.similarities(data.test_images).double()
+        h_near = godin.similarities(sets["near-OOD digits"]).double()
+    # Accuracy: argmax of h (g > 0 only rescales a row); both GODIN rows report the same classifier.
+    accuracy = float((h_id.argmax(dim=1) == data.test_labels).double().mean())
+    assert reports["godin"]["id_accuracy"] == pytest.approx(accuracy)
+    assert reports["godin_eps0"]["id_accuracy"] == pytest.approx(accuracy)
+    # epsilon = 0: the score is max_i h_i; its AUROC against the near-OOD digits, with scikit-learn.
+    truth = np.r_[np.ones(len(h_id)), np.zeros(len(h_near))]
+    expected = roc_auc_score(truth, np.r_[h_id.amax(dim=1).numpy(), h_near.amax(dim=1).numpy()])
+    row = next(r for r in reports["godin_eps0"]["rows"] if r["name"] == "near-OOD digits")
+    assert row["metrics"]["auroc"] == pytest.approx(expected, abs=1e-6)
+    # The chosen epsilon is the grid value with the largest mean score on the ID training digits.
+    scores = {float(eps): value for eps, value in seed["godin_validation_scores"].items()}
+    assert seed["godin_epsilon"] == max(scores, key=lambda eps: scores[eps])
+    detector = GODIN(godin, epsilons=[seed["godin_epsilon"], 0.0]).fit(data.train_images)
+    assert detector.validation_scores_[0.0] == pytest.approx(scores[0.0], rel=1e-5)
+
+    # Generalisation: every row, both test sets; the cross-entropy row agrees with the OOD evaluator.
+    table = seed["generalization"]
+    assert list(table) == list(GENERALIZATION)
+    assert all(list(row) == ["ID test", "rotated"] and all(0 <= v <= 1 for v in row.values()) for row in table.values())
+    assert table["ce"]["ID test"] == pytest.approx(reports["ce"]["id_accuracy"])
+    assert metrics["generalization"]["sets"] == {"ID test": len(data.test_labels), "rotated": len(data.test_labels)}
+    # DREAM-ID decoded exactly inliers_per_class labelled inliers per class.
+    records = (out / "seed-2" / "inliers" / "dream-id" / "manifest.jsonl").read_text().splitlines()
+    counts = np.bincount([json.loads(line)["class_index"] for line in records], minlength=len(data.class_names))
+    assert counts.tolist() == [config["inliers_per_class"]] * len(data.class_names)

@@ -21,7 +21,22 @@ from dreamood.cli import main as cli_main
 from dreamood.config import PipelineConfig, load_config
 from dreamood.errors import ArtifactError
 from dreamood.evaluation import OODReport
-from dreamood.pipeline import STAGES, Pipeline, build_data, class_names_of, smoke_setup
+from dreamood.pipeline import (
+    GENERALIZATION_BASELINES,
+    OOD_BASELINES,
+    SMOKE_BASELINES,
+    STAGES,
+    BaselineConfig,
+    Pipeline,
+    accuracy_table,
+    baselines_of,
+    build_backbone,
+    build_data,
+    class_names_of,
+    ood_table,
+    parse_baselines,
+    smoke_setup,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -65,12 +80,12 @@ def _run_example(name: str, *argv: str) -> str:
 @pytest.fixture(scope="module")
 def cifar_run(tmp_path_factory: pytest.TempPathFactory, tiny_sd: Path) -> tuple[Path, str]:
     out = _run_dir(tmp_path_factory.mktemp("cifar") / "run", tiny_sd)
-    return out, _run_example("cifar100_pipeline", "--smoke", "--out", str(out), "--no-progress")
+    return out, _run_example("cifar100_pipeline", "--smoke", "--baselines", "all", "--out", str(out), "--no-progress")
 
 
 def _smoke_pipeline(out: Path, name: str = "cifar100", **force: object) -> Pipeline:
     config, data = smoke_setup(load_config(name, {"progress": False}), out)
-    return Pipeline(config, data, **force)  # type: ignore[arg-type]
+    return Pipeline(config, data, baselines=SMOKE_BASELINES, **force)  # type: ignore[arg-type]
 
 
 def test_cifar100_smoke_writes_every_artefact_and_prints_the_report(cifar_run: tuple[Path, str]) -> None:
@@ -138,10 +153,11 @@ def test_a_second_run_skips_every_stage(cifar_run: tuple[Path, str], caplog: pyt
     files = [p for p in files if p.name not in ("timings.json", "config.json")]
     before = {p: p.stat().st_mtime_ns for p in files}
     with caplog.at_level(logging.INFO, logger="dreamood"):
-        again = _run_example("cifar100_pipeline", "--smoke", "--out", str(out), "--no-progress")
+        again = _run_example("cifar100_pipeline", "--smoke", "--baselines", "all", "--out", str(out), "--no-progress")
     assert again == printed
     messages = [record.getMessage() for record in caplog.records]
-    assert [m.split("]")[0] + "]" for m in messages if "skipped" in m] == [f"[{stage}]" for stage in STAGES]
+    skipped = [f"[{stage}]" for stage in STAGES] + [f"[baseline {name}]" for name in OOD_BASELINES]
+    assert [m.split("]")[0] + "]" for m in messages if "skipped" in m] == skipped
     assert not [m for m in messages if "running" in m]
     assert before == {p: p.stat().st_mtime_ns for p in files}
 
@@ -192,8 +208,9 @@ def test_missing_artefacts_and_data_give_clear_errors(tmp_path: Path) -> None:
 def test_imagenet100_dream_id_smoke(tmp_path: Path, tiny_sd: Path) -> None:
     out = _run_dir(tmp_path / "run", tiny_sd)
     printed = _run_example(
-        "imagenet100_pipeline", "--smoke", "--method", "dream-id", "--out", str(out), "--no-progress"
-    )
+        "imagenet100_pipeline", "--smoke", "--method", "dream-id", "--baselines", "all", "--out", str(out),
+        "--no-progress",
+    )  # fmt: skip
     pipe = _smoke_pipeline(out, "imagenet100-dream-id")
     samples = pipe.load("samples")
     assert samples.config["mode"] == "inlier" and samples.config["keep_per_anchor"] == 1
@@ -203,6 +220,7 @@ def test_imagenet100_dream_id_smoke(tmp_path: Path, tiny_sd: Path) -> None:
     report = OODReport.from_json(out / "report.json")
     assert accuracy["ID test"] == pytest.approx(report.id_accuracy)
     assert f"ID test: top-1 accuracy {100 * accuracy['ID test']:.2f}%" in printed
+    _check_generalization_baselines(out, pipe, printed)
 
 
 def test_imagenet100_dream_ood_smoke_pretrains_then_fine_tunes(tmp_path: Path, tiny_sd: Path) -> None:
@@ -262,3 +280,144 @@ evaluation: {{protocol: full}}
     assert report.names == ["Noise"] and report.n_id == 10 and report["Noise"].n_ood == 6
     assert "Noise" in stdout.getvalue()
     assert len(list((tmp_path / "run" / "images").rglob("*.png"))) == 4
+
+
+# ---- baselines ----------------------------------------------------------------------------------------------
+
+
+def _paper_protocol_auroc(id_scores: np.ndarray, ood_scores: np.ndarray, repeats: int, seed: int) -> float:
+    """The evaluator's "paper" protocol from its documentation: mean AUROC over seeded OOD subsamples."""
+    from sklearn.metrics import roc_auc_score
+
+    generator = torch.Generator().manual_seed(seed)
+    size = len(id_scores) // 5
+    values = []
+    for _ in range(repeats):
+        chosen = ood_scores[torch.randperm(len(ood_scores), generator=generator)[:size].numpy()]
+        truth = np.r_[np.ones(len(id_scores)), np.zeros(len(chosen))]
+        values.append(roc_auc_score(truth, np.r_[id_scores, chosen]))
+    return float(np.mean(values))
+
+
+def test_ood_baselines_of_the_cifar100_smoke(cifar_run: tuple[Path, str]) -> None:
+    from dreamood.baselines import GodinClassifier
+    from dreamood.models import Classifier
+
+    out, printed = cifar_run
+    pipe = _smoke_pipeline(out)
+    reports = {name: OODReport.from_json(out / "baselines" / name / "report.json") for name in OOD_BASELINES}
+    main = OODReport.from_json(out / "report.json")
+    assert ood_table({"DREAM-OOD": main, **reports}) in printed
+    images, labels = pipe.data.test.tensors  # type: ignore[attr-defined]
+    ood = {name: dataset.tensors[0] for name, dataset in pipe.data.ood.items()}  # type: ignore[attr-defined]
+    evaluation = pipe.config.evaluation
+
+    # GAN: the classifier trained with an outlier loss at every step, scored with MSP (recomputed here in float64).
+    history = json.loads((out / "baselines" / "gan" / "training" / "metrics.json").read_text())
+    assert history["config"]["beta"] == SMOKE_BASELINES.gan_beta
+    assert all(epoch["ood_steps"] == epoch["steps"] > 0 for epoch in history["history"])
+    assert (out / "baselines" / "gan" / "dcgan.pt").is_file()
+    model = Classifier(build_backbone("small", small_input=True), 4)
+    model.load_state_dict(torch.load(out / "baselines" / "gan" / "classifier.pt", weights_only=True)["model"])
+    model.eval()
+
+    def msp(batch: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return torch.softmax(model(batch).double(), dim=1).amax(dim=1).numpy()
+
+    with torch.no_grad():
+        accuracy = float((model(images).argmax(dim=1) == labels).double().mean())
+    assert reports["gan"].id_accuracy == pytest.approx(accuracy)
+    for name, batch in ood.items():
+        expected = _paper_protocol_auroc(msp(images), msp(batch), evaluation.repeats, pipe.config.seed)
+        assert reports["gan"][name].metrics["auroc"] == pytest.approx(expected, abs=1e-6)
+
+    # GODIN: accuracy of argmax h; epsilon = the grid value with the largest mean score on ID training images.
+    godin = GodinClassifier(build_backbone("small", small_input=True), 4)
+    godin.load_state_dict(torch.load(out / "baselines" / "godin" / "classifier.pt", weights_only=True)["model"])
+    godin.eval()
+    with torch.no_grad():
+        accuracy = float((godin.similarities(images).argmax(dim=1) == labels).double().mean())
+    assert reports["godin"].id_accuracy == pytest.approx(accuracy)
+    choice = json.loads((out / "baselines" / "godin" / "godin.json").read_text())
+    scores = {float(epsilon): value for epsilon, value in choice["validation_scores"].items()}
+    assert len(scores) == 7 and choice["epsilon"] == max(scores, key=lambda epsilon: scores[epsilon])
+    assert [row.name for row in reports["godin"].rows] == list(pipe.data.ood)
+
+
+def _check_generalization_baselines(out: Path, pipe: Pipeline, printed: str) -> None:
+    from dreamood.models import Classifier
+
+    tables = {name: json.loads((out / "baselines" / name / "generalization.json").read_text()) for name in
+              GENERALIZATION_BASELINES}  # fmt: skip
+    main = json.loads((out / "generalization.json").read_text())
+    assert accuracy_table({"DREAM-ID": main, **tables}) in printed
+    assert all(list(table) == ["ID test", "ID test, rotated"] for table in tables.values())
+    # The cross-entropy reference, recomputed from its weights on both test sets.
+    model = Classifier(build_backbone("small", small_input=True), 4)
+    model.load_state_dict(torch.load(out / "baselines" / "cross-entropy" / "classifier.pt", weights_only=True)["model"])
+    model.eval()
+    for name, dataset in (
+        ("ID test", pipe.data.test),
+        ("ID test, rotated", pipe.data.generalization["ID test, rotated"]),
+    ):
+        images, labels = dataset.tensors  # type: ignore[attr-defined]
+        with torch.no_grad():
+            assert tables["cross-entropy"][name] == pytest.approx(
+                float((model(images).argmax(1) == labels).double().mean())
+            )
+    # Generic prompts: as many images per class as DREAM-ID generates, each with its own seed.
+    per_class = pipe.config.generation.images_per_class
+    records = [
+        json.loads(line)
+        for line in (out / "baselines" / "generic-prompts" / "images" / "manifest.jsonl").read_text().splitlines()
+    ]
+    assert np.bincount([r["class_index"] for r in records]).tolist() == [per_class] * 4
+    assert len({r["seed"] for r in records}) == len(records)
+    # The augmentation baselines appended per_class copies per class at every step of the shared loop.
+    for name in ("randaugment", "autoaugment", "augmix", "cross-entropy", "generic-prompts"):
+        history = json.loads((out / "baselines" / name / "training" / "metrics.json").read_text())["history"]
+        assert all(epoch["ood_steps"] == 0 for epoch in history)
+    assert not (out / "baselines" / "cutmix" / "training").exists()  # CutMix's own loop writes no checkpoint
+    assert (out / "baselines" / "cutmix" / "classifier.pt").is_file()
+
+
+def test_baseline_names_and_settings(tmp_path: Path) -> None:
+    assert baselines_of("dream-ood") == OOD_BASELINES == ("godin", "gan")
+    assert parse_baselines("all", "dream-id") == GENERALIZATION_BASELINES
+    assert parse_baselines("", "dream-ood") == ()
+    assert parse_baselines(" gan, godin,gan ", "dream-ood") == ("gan", "godin")
+    with pytest.raises(ValueError, match="unknown baseline.*memo.*for dream-ood"):
+        parse_baselines("godin,memo", "dream-ood")
+    with pytest.raises(ValueError, match="method"):
+        baselines_of("vos")
+    with pytest.raises(ValueError, match="godin_similarity"):
+        BaselineConfig(godin_similarity="angle")
+    with pytest.raises(ValueError, match="memo_augmentations"):
+        BaselineConfig(memo_augmentations=0)
+    with pytest.raises(SystemExit):
+        _example("cifar100_pipeline").main(["--smoke", "--baselines", "memo", "--out", str(tmp_path)])
+    pipe = Pipeline(load_config("imagenet100", {"output_dir": str(tmp_path), "training.backbone": "small"}))
+    with pytest.raises(ValueError, match="power-of-two"):  # 224x224: before any data is read
+        pipe.ood_baseline("gan")
+    with pytest.raises(ValueError, match="OOD baselines"):
+        pipe.ood_baseline("memo")
+    with pytest.raises(ValueError, match="generalisation baselines"):
+        pipe.generalization_baseline("godin")
+
+
+def test_comparison_tables() -> None:
+    from dreamood.evaluation import OODReportRow
+
+    metrics = {"fpr95": 0.25, "fpr95_ood_positive": 0.5, "auroc": 0.875, "aupr_in": 0.9, "aupr_out": 0.8}
+    row = OODReportRow("A", metrics, n_ood=3)
+    report = OODReport(rows=(row,), mean=OODReportRow("Mean", metrics), n_id=10, id_accuracy=0.5)
+    lines = ood_table({"x": report, "y": OODReport(rows=(row,), mean=row, n_id=10)}).splitlines()
+    assert lines[2:] == ["| x | 25.00 | 87.50 | 50.00 |", "| y | 25.00 | 87.50 | - |"]
+    table = accuracy_table({"a": {"ID test": 0.5, "shift": 0.125}, "b": {"ID test": 1.0, "shift": 0.0}})
+    assert table.splitlines() == [
+        "| method | ID test | shift |",
+        "|---|---|---|",
+        "| a | 50.00 | 12.50 |",
+        "| b | 100.00 | 0.00 |",
+    ]

@@ -21,6 +21,8 @@ __all__ = ["DemoConfig", "default_cache_dir"]
 # token embeddings (768-d, norm about 0.38), and the KNN detector's k on CIFAR (Sun et al., ICML 2022).
 PAPER_EMBEDDING_DIM = 768
 PAPER_SIGMA = 0.03
+PAPER_INLIER_SIGMA = 0.01
+PAPER_INLIER_ANCHORS_PER_ROUND = 100
 PAPER_TOKEN_NORM = 0.38
 PAPER_BANK_PER_CLASS = 1000
 PAPER_K = 300
@@ -73,6 +75,27 @@ class DemoConfig:
             only the source differs.
         feature_ood_start: Fraction of the epochs trained with cross-entropy alone before VOS/NPOS start
             (VOS: 40 of 100 epochs); image outliers are used from the first epoch.
+
+    OOD-detection baselines (paper Tables 1 and 3), trained with the Phase 3 recipe and initial backbone:
+        godin_similarity: GODIN's ``h`` (Hsu et al., CVPR 2020): ``"cosine"``, the paper's best. Its input
+            perturbation is chosen by ``GODIN.fit`` from the paper's grid on the ID training images.
+        gan_beta: Weight of the KL-to-uniform term of the joint confidence loss (Lee et al., ICLR 2018): 1, the
+            public code's default, used there for SVHN digits (0.1 only for CIFAR-10).
+        gan_width: Base feature maps of the DCGAN generator and discriminator (64 in DCGAN).
+
+    Generalisation (DREAM-ID, paper Tables 4 and 5; the packaged ``imagenet100-dream-id`` sampler settings):
+        inlier_sigma: Noise standard deviation of the inlier sampler; ``None`` scales the paper's 0.01 as
+            ``sigma`` is scaled: ``0.01 * sqrt(768 / m)``.
+        inlier_boundary_fraction, inlier_anchors_fraction: The densest-anchor set as a fraction of the smallest
+            class in the bank (1.0: the whole bank, as 1,000 of 1,000) and anchors per round as a fraction of
+            it (0.1: 100 of 1,000); one candidate kept per anchor.
+        inliers_per_class: Inlier embeddings sampled and decoded per class; each augmentation baseline appends
+            as many augmented copies per class.
+        rotation_degrees: The shifted test set rotates every ID test digit by an angle drawn uniformly from
+            ``[-rotation_degrees, rotation_degrees]``.
+        memo_augmentations, memo_lr, memo_prior_strength: MEMO (Zhang et al., NeurIPS 2022) with its CIFAR-10
+            code's settings (32 AugMix copies, one SGD step of learning rate 0.005) and the BatchNorm prior
+            strength 16 of its ImageNet code (the CIFAR-10 network has no BatchNorm).
 
     Phase 2 (KNNBoundarySampler), scaled from the paper's ImageNet-100 setting (k 300 and boundary 200 of
     1,000 bank embeddings per class, 50 anchors per round, sigma 0.03 in 768 dimensions):
@@ -138,6 +161,19 @@ class DemoConfig:
     feature_ood_start: float = 0.4
     feature_queue_size: int = 64
 
+    godin_similarity: str = "cosine"
+    gan_beta: float = 1.0
+    gan_width: int = 64
+
+    inlier_sigma: float | None = None
+    inlier_boundary_fraction: float = 1.0
+    inlier_anchors_fraction: float = PAPER_INLIER_ANCHORS_PER_ROUND / PAPER_BANK_PER_CLASS
+    inliers_per_class: int = 128
+    rotation_degrees: float = 15.0
+    memo_augmentations: int = 32
+    memo_lr: float = 0.005
+    memo_prior_strength: float | None = 16.0
+
     @classmethod
     def quick_config(cls, **overrides: Any) -> DemoConfig:
         """The reduced configuration of the tests: the same code path with tiny networks and few images.
@@ -167,6 +203,9 @@ class DemoConfig:
             classifier_feature_dim=16,
             classifier_epochs=2,
             feature_queue_size=16,
+            gan_width=8,
+            inliers_per_class=8,
+            memo_augmentations=4,
         )
         return replace(quick, **overrides)
 
@@ -175,6 +214,12 @@ class DemoConfig:
         if self.sigma is not None:
             return float(self.sigma)
         return PAPER_SIGMA * math.sqrt(PAPER_EMBEDDING_DIM / embedding_dim)
+
+    def effective_inlier_sigma(self, embedding_dim: int) -> float:
+        """The DREAM-ID inlier noise standard deviation for anchors of dimension ``embedding_dim``."""
+        if self.inlier_sigma is not None:
+            return float(self.inlier_sigma)
+        return PAPER_INLIER_SIGMA * math.sqrt(PAPER_EMBEDDING_DIM / embedding_dim)
 
     def effective_token_noise_std(self, embedding_dim: int, mean_token_norm: float) -> float:
         """The Table 2 (I) noise standard deviation for tokens of dimension ``embedding_dim`` and mean norm."""

@@ -11,8 +11,13 @@ the ID digits; its learned class embeddings are the anchors ``T(y)``. Stages:
    Table 2 (I) variant (Gaussian noise on ``T(y)``);
 5. decoding: the sampled embeddings rendered with :func:`~dreamood.decoding.generation.generate_images`;
 6. Phase 3: the same classifier trained five ways (cross-entropy only, DREAM-OOD, Table 2 (I), VOS, NPOS);
-7. evaluation: energy scores with :class:`~dreamood.evaluation.OODEvaluator`, plus post-hoc detectors on the
-   cross-entropy model, on every OOD set.
+7. OOD baselines: GODIN (Hsu et al., CVPR 2020) and GAN-based outliers (Lee et al., ICLR 2018), same recipe;
+8. evaluation: energy scores with :class:`~dreamood.evaluation.OODEvaluator`, GODIN's and MSP scores for the
+   baselines, plus post-hoc detectors on the cross-entropy model, on every OOD set;
+9. generalisation (DREAM-ID, Sec. 5): inliers sampled around the densest embeddings and decoded, the
+   augmentation baselines (RandAugment, AutoAugment, AugMix, CutMix) appended in the same number, and MEMO
+   (Zhang et al., NeurIPS 2022) on the cross-entropy model; top-1 accuracy on the ID test digits and on a
+   rotated copy of them.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -52,10 +57,11 @@ from dreamood.demo.data import DIGIT_LEVELS, FAR_OOD_SETS, DigitsData, far_ood_s
 from dreamood.encoder import TextConditionedEncoder
 from dreamood.errors import ArtifactError, ModelNotFoundError
 from dreamood.feature_bank import FeatureBank
-from dreamood.io import atomic_write
+from dreamood.io import atomic_write, save_checkpoint
 from dreamood.sampling.samples import EmbeddingSamples
+from dreamood.training.config import TrainingConfig, TrainingResult
 
-__all__ = ["METHODS", "DemoResult", "StageTimer", "run_demo", "set_groups"]
+__all__ = ["GENERALIZATION", "METHODS", "OOD_BASELINES", "DemoResult", "StageTimer", "run_demo", "set_groups"]
 
 #: The classifiers of Phase 3, in report order: key -> label.
 METHODS: dict[str, str] = {
@@ -66,7 +72,26 @@ METHODS: dict[str, str] = {
     "npos": "(e) NPOS",
 }
 
+#: The OOD-detection baselines, each with its own score, in report order: key -> label.
+OOD_BASELINES: dict[str, str] = {
+    "godin": "(f) GODIN",
+    "godin_eps0": "(f) GODIN, epsilon = 0",
+    "gan": "(g) GAN outliers, MSP",
+}
+
+#: The rows of the generalisation table, in order: key -> label.
+GENERALIZATION: dict[str, str] = {
+    "ce": "cross-entropy only (model (a))",
+    "dream_id": "DREAM-ID: + decoded inliers",
+    "randaugment": "+ RandAugment copies",
+    "autoaugment": "+ AutoAugment copies",
+    "augmix": "+ AugMix copies",
+    "cutmix": "+ CutMix copies",
+    "memo": "MEMO on model (a)",
+}
+
 NEAR_OOD = "near-OOD digits"
+ROTATED = "rotated"
 
 
 def set_groups() -> dict[str, list[str]]:
@@ -138,8 +163,26 @@ class _SeedRun:
     sampler_settings: dict[str, Any]
     token_noise_std: float
     npos_sigma: float
+    inlier_sampler_settings: dict[str, Any] = field(default_factory=dict)
+    godin_epsilon: float = float("nan")
+    godin_validation_scores: dict[str, float] = field(default_factory=dict)
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     train_accuracy: dict[str, float] = field(default_factory=dict)
+    generalization: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+class _Scoring(NamedTuple):
+    """How an OOD baseline is scored.
+
+    Attributes:
+        scorer: The evaluator's scorer.
+        model: What the evaluator runs before the scorer (``None``: the scorer takes the images).
+        classifier: The classifier whose ID accuracy the row reports when the evaluator runs no model.
+    """
+
+    scorer: Any
+    model: Callable[[Tensor], Tensor] | None
+    classifier: nn.Module | None
 
 
 def run_demo(config: DemoConfig) -> DemoResult:
@@ -166,6 +209,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
         with timer.stage("data"):
             data = load_digits_data(config.id_classes, test_fraction=config.test_fraction, seed=config.seed)
             test_sets = _ood_test_sets(data, config)
+            rotated = _rotated_test_images(data, config)
             figures["data"] = _figure_data(data, test_sets, out_dir)
         with timer.stage("decoder"):
             decoder, decoder_info = _trained_decoder(config, data, device, out_dir)
@@ -175,11 +219,11 @@ def run_demo(config: DemoConfig) -> DemoResult:
         seed_runs = []
         for seed in range(config.seed, config.seed + config.seeds):
             seed_runs.append(
-                _run_seed(seed, config, data, decoder, anchors, test_sets, device, out_dir, timer, figures)
+                _run_seed(seed, config, data, decoder, anchors, test_sets, rotated, device, out_dir, timer, figures)
             )
         torch_threads = torch.get_num_threads()
     environment = _environment(device, torch_threads, started, load_before)
-    metrics = _metrics(config, data, test_sets, decoder_info, seed_runs, timer, environment, figures)
+    metrics = _metrics(config, data, test_sets, rotated, decoder_info, seed_runs, timer, environment, figures)
     with atomic_write(out_dir / "metrics.json", "w") as handle:
         json.dump(metrics, handle, indent=2, allow_nan=False)
     report_md, report_html = write_reports(metrics, out_dir)
@@ -199,6 +243,13 @@ def _ood_test_sets(data: DigitsData, config: DemoConfig) -> dict[str, Tensor]:
         for name, images in far.items()
     }
     return {NEAR_OOD: data.near_ood_images, **far, **matched}
+
+
+def _rotated_test_images(data: DigitsData, config: DemoConfig) -> Tensor:
+    """The shifted ID test set of the generalisation table: every test digit rotated by a seeded random angle."""
+    from dreamood.baselines import rotate_images
+
+    return rotate_images(data.test_images, config.rotation_degrees, seed=config.seed)
 
 
 def _decoder_cache_key(config: DemoConfig, data: DigitsData) -> str:
@@ -291,7 +342,7 @@ def _decoder_fidelity(
     per_class = 4 if config.quick else 20
     labels = torch.arange(anchors.num_classes).repeat_interleave(per_class)
     samples = EmbeddingSamples(anchors.vectors[labels], labels, config={"sampler": "anchors T(y)"})
-    images = _decode(decoder, samples, out_dir / "artifacts" / "decoded_anchors", config, seed=config.seed)
+    images, _ = _decode(decoder, samples, out_dir / "artifacts" / "decoded_anchors", config, seed=config.seed)
     pixels = LogisticRegression(max_iter=2000).fit(data.train_images.flatten(1).numpy(), data.train_labels.numpy())
     accuracy = float(pixels.score(images.flatten(1).numpy(), labels.numpy()))
     real_accuracy = float(pixels.score(data.test_images.flatten(1).numpy(), data.test_labels.numpy()))
@@ -315,12 +366,13 @@ def _run_seed(
     decoder: InDomainDiffusionDecoder,
     anchors: TokenEmbeddings,
     test_sets: Mapping[str, Tensor],
+    rotated: Tensor,
     device: torch.device,
     out_dir: Path,
     timer: StageTimer,
     figures: dict[str, str],
 ) -> _SeedRun:
-    """Phases 1-3 and the evaluation for one seed."""
+    """Phases 1-3, the baselines, the OOD evaluation and the generalisation table for one seed."""
     from dreamood.sampling.knn_boundary import KNNBoundarySampler
     from dreamood.sampling.token_samplers import GaussianTokenNoiseSampler
 
@@ -358,8 +410,8 @@ def _run_seed(
             )  # fmt: skip
             figures["embeddings"] = str(path.relative_to(out_dir))
     with timer.stage("decoding outliers", f"seed {seed}"):
-        dream_images = _decode(decoder, outliers, seed_dir / "outliers" / "dream-ood", config, seed=seed)
-        noise_images = _decode(decoder, noisy, seed_dir / "outliers" / "token-noise", config, seed=seed)
+        dream_images, _ = _decode(decoder, outliers, seed_dir / "outliers" / "dream-ood", config, seed=seed)
+        noise_images, _ = _decode(decoder, noisy, seed_dir / "outliers" / "token-noise", config, seed=seed)
         if first:
             figures["sigmas"] = _figure_sigmas(decoder, bank, anchors, sampler_kwargs, sigma, config, out_dir, seed)
             figures["outliers"] = _figure_outliers(dream_images, noise_images, outliers, data, out_dir)
@@ -372,22 +424,44 @@ def _run_seed(
     )
     with timer.stage("phase 3: classifiers", f"seed {seed}: {', '.join(METHODS.values())}"):
         models = _train_classifiers(seed, config, data, dream_images, noise_images, device, seed_dir, run)
+    with timer.stage("OOD baselines: GODIN, GAN", f"seed {seed}"):
+        baselines = _train_ood_baselines(seed, config, data, device, seed_dir, run)
     with timer.stage("evaluation", f"seed {seed}"):
-        _evaluate(models, config, data, test_sets, device, seed_dir, run)
+        _evaluate(models, baselines, config, data, test_sets, device, seed_dir, run)
+    with timer.stage("generalisation: DREAM-ID inliers", f"seed {seed}"):
+        inliers = _decode_inliers(seed, config, bank, anchors, decoder, device, seed_dir, run)
+    with timer.stage("generalisation: classifiers", f"seed {seed}: {', '.join(list(GENERALIZATION)[1:-1])}"):
+        extra = _appended_images(seed, config, data, inliers)
+        generalists = _train_generalization(seed, config, data, extra, device, seed_dir, run)
+        if first:
+            figures["generalization"] = _figure_generalization(data, extra, rotated, out_dir)
+    sets = {"ID test": data.test_images, ROTATED: rotated}
+    with timer.stage("generalisation: accuracy", f"seed {seed}"):
+        for key, model in {"ce": models["ce"], **generalists}.items():
+            run.generalization[key] = _accuracies(model, sets, data, device)
+    with timer.stage("generalisation: MEMO", f"seed {seed}: {config.memo_augmentations} copies per test image"):
+        run.generalization["memo"] = _accuracies(_memo(models["ce"], seed, config, device), sets, data, device)
     return run
 
 
-def _sampler_settings(config: DemoConfig, smallest_class: int) -> dict[str, Any]:
-    """k, boundary and anchors per round scaled from the paper's ImageNet-100 values to the bank's class size."""
+def _sampler_settings(config: DemoConfig, smallest_class: int, *, inlier: bool = False) -> dict[str, Any]:
+    """k, anchor set and anchors per round scaled from the paper's ImageNet-100 values to the bank's class size.
+
+    Outliers: the DREAM-OOD setting (boundary 200 of 1,000, 50 anchors per round, keep 2); inliers: the
+    DREAM-ID setting (all 1,000 as anchor set, 100 anchors per round, keep 1).
+    """
+    boundary_fraction = config.inlier_boundary_fraction if inlier else config.boundary_fraction
+    anchors_fraction = config.inlier_anchors_fraction if inlier else config.anchors_fraction
+    keep = 1 if inlier else config.keep_per_anchor
     k = max(1, min(smallest_class - 1, round(config.k_fraction * smallest_class)))
-    boundary = max(1, min(smallest_class, round(config.boundary_fraction * smallest_class)))
-    anchors = max(1, min(boundary, round(config.anchors_fraction * boundary)))
+    boundary = max(1, min(smallest_class, round(boundary_fraction * smallest_class)))
+    anchors = max(1, min(boundary, round(anchors_fraction * boundary)))
     return {
         "k": k,
         "boundary_size": boundary,
         "anchors_per_round": anchors,
         "candidates_per_anchor": config.candidates_per_anchor,
-        "keep_per_anchor": min(config.keep_per_anchor, config.candidates_per_anchor),
+        "keep_per_anchor": min(keep, config.candidates_per_anchor),
     }
 
 
@@ -419,8 +493,12 @@ def _train_encoder(
 
 def _decode(
     decoder: InDomainDiffusionDecoder, samples: EmbeddingSamples, folder: Path, config: DemoConfig, *, seed: int
-) -> Tensor:
-    """Render ``samples`` into ``folder`` and read them back in the digits' format ``(N, 1, 8, 8)``, 17 levels."""
+) -> tuple[Tensor, Tensor]:
+    """Render ``samples`` into ``folder`` and read them back in the digits' format ``(N, 1, 8, 8)``, 17 levels.
+
+    Returns:
+        The images and their labels, in the order of ``samples``.
+    """
     from dreamood.data.generated import GeneratedImageFolder
 
     generate_images(
@@ -435,7 +513,51 @@ def _decode(
     dataset = GeneratedImageFolder(folder, image_size=int(decoder.image_size), mode="L")
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     levels = DIGIT_LEVELS - 1
-    return torch.round(images * levels) / levels
+    return torch.round(images * levels) / levels, torch.tensor(dataset.targets, dtype=torch.int64)
+
+
+def _recipe(config: DemoConfig, seed: int, device: torch.device) -> TrainingConfig:
+    """The recipe every classifier of the demo is trained with: the paper's SGD, cosine schedule, weight decay."""
+    return TrainingConfig(
+        epochs=config.classifier_epochs,
+        lr=config.classifier_lr,
+        device=str(device),
+        seed=seed,
+        progress=config.progress,
+    )
+
+
+def _train(
+    key: str,
+    model: nn.Module,
+    config: DemoConfig,
+    data: DigitsData,
+    recipe: TrainingConfig,
+    seed_dir: Path,
+    run: _SeedRun,
+    train: Callable[..., TrainingResult] | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Train ``model`` on the ID training digits (with ``options``: outliers, extra images, ...), in place.
+
+    ``train`` is the training function (default: :func:`~dreamood.training.train_classifier`, which writes its
+    checkpoint and history to ``seed_dir/classifiers/<key>/``); the baselines' own loops write nothing, so
+    their weights are saved there as ``model.pt``. Every model sees the same ID batches in the same order.
+
+    Returns:
+        The trained model, in eval mode.
+    """
+    from dreamood.training import train_classifier
+
+    folder = seed_dir / "classifiers" / key
+    id_loader = _loader(data.train_images, data.train_labels, config.classifier_batch_size, shuffle_seed=recipe.seed)
+    if train is None:
+        result = train_classifier(model, id_loader, replace(recipe, output_dir=folder), **options)
+    else:
+        result = train(model, id_loader, recipe, **options)
+        save_checkpoint(folder / "model.pt", {"model": model.state_dict()})
+    run.train_accuracy[key] = result.final.accuracy
+    return model.eval()
 
 
 def _train_classifiers(
@@ -450,16 +572,9 @@ def _train_classifiers(
 ) -> dict[str, nn.Module]:
     """Phase 3: the same classifier (architecture, initial weights, recipe) trained five ways."""
     from dreamood.sampling.feature_samplers import NPOSSampler, VOSSampler
-    from dreamood.training import EnergyOODRegularizer, TrainingConfig, train_classifier
+    from dreamood.training import EnergyOODRegularizer
 
-    base = TrainingConfig(
-        epochs=config.classifier_epochs,
-        lr=config.classifier_lr,
-        beta=config.beta,
-        device=str(device),
-        seed=seed,
-        progress=config.progress,
-    )
+    recipe = replace(_recipe(config, seed, device), beta=config.beta)
     feature_start = min(config.classifier_epochs - 1, round(config.feature_ood_start * config.classifier_epochs))
     models: dict[str, nn.Module] = {}
     for key in METHODS:
@@ -494,15 +609,68 @@ def _train_classifiers(
                 regularizer=regularizer,
                 ood_start_epoch=feature_start,
             )
-        result = train_classifier(
-            model,
-            _loader(data.train_images, data.train_labels, config.classifier_batch_size, shuffle_seed=seed),
-            replace(base, output_dir=seed_dir / "classifiers" / key),
-            **options,
-        )
-        run.train_accuracy[key] = result.final.accuracy
-        models[key] = model.eval()
+        models[key] = _train(key, model, config, data, recipe, seed_dir, run, **options)
     return models
+
+
+def _train_ood_baselines(
+    seed: int, config: DemoConfig, data: DigitsData, device: torch.device, seed_dir: Path, run: _SeedRun
+) -> dict[str, _Scoring]:
+    """GODIN and GAN-based outliers: the classifier of Phase 3 (same backbone and recipe), each scored its way.
+
+    GODIN (Hsu et al., CVPR 2020) replaces the linear head by ``h(x) / g(x)``, trains without weight decay on
+    ``h``, and scores ``max_i h_i`` of an input perturbed by the ``epsilon`` that maximises the mean score of
+    ID images; the ID training digits serve as its validation data (no OOD or test image is used). The
+    ``epsilon = 0`` row scores the unperturbed ``max_i h_i``. The GAN baseline (Lee et al., ICLR 2018) trains
+    a DCGAN with the classifier so that its samples lie at the boundary of the ID data, and the classifier
+    is pushed to a uniform prediction on them; it is scored with the maximum softmax probability.
+
+    Returns:
+        For each row of :data:`OOD_BASELINES`, the scorer, the model the evaluator runs, and the classifier whose
+        accuracy the row reports when the evaluator cannot measure it.
+    """
+    from dreamood.baselines import GODIN, ConfidenceGAN, GodinClassifier, UniformKLRegularizer, train_godin
+    from dreamood.evaluation import max_logit_score, msp_score
+    from dreamood.models import SmallConvNet
+
+    recipe = _recipe(config, seed, device)
+    with _seeded(seed):
+        backbone = SmallConvNet(1, config.classifier_feature_dim, width=config.classifier_width)
+        godin_model = GodinClassifier(backbone, data.num_classes, similarity=config.godin_similarity)
+    _train("godin", godin_model, config, data, recipe, seed_dir, run, train=train_godin)
+    detector = GODIN(godin_model, device=device).fit(data.train_images)
+    run.godin_epsilon = detector.epsilon_
+    run.godin_validation_scores = {f"{eps:g}": score for eps, score in detector.validation_scores_.items()}
+
+    with _seeded(seed):
+        gan_model = _classifier(config, data.num_classes)
+    gan = ConfidenceGAN(
+        image_size=int(data.train_images.shape[-1]),
+        channels=int(data.train_images.shape[1]),
+        generator_width=config.gan_width,
+        discriminator_width=config.gan_width,
+        beta=config.gan_beta,
+        seed=seed,
+        device=device,
+    )
+    real = _loader(data.train_images, None, config.classifier_batch_size, shuffle_seed=seed + 2)
+    gan_model = _train(
+        "gan",
+        gan_model,
+        config,
+        data,
+        replace(recipe, beta=gan.beta),
+        seed_dir,
+        run,
+        outlier_loader=gan.outlier_loader(real, gan_model),
+        regularizer=UniformKLRegularizer(),
+    )
+    save_checkpoint(seed_dir / "classifiers" / "gan" / "dcgan.pt", {"model": gan.state_dict()})
+    return {
+        "godin": _Scoring(detector, None, godin_model),
+        "godin_eps0": _Scoring(max_logit_score, godin_model.similarity_model(), None),
+        "gan": _Scoring(msp_score, gan_model, None),
+    }
 
 
 def _classifier(config: DemoConfig, num_classes: int) -> Any:
@@ -520,6 +688,7 @@ def _mean_feature_norm(model: nn.Module, images: Tensor, device: torch.device) -
 
 def _evaluate(
     models: Mapping[str, nn.Module],
+    baselines: Mapping[str, _Scoring],
     config: DemoConfig,
     data: DigitsData,
     test_sets: Mapping[str, Tensor],
@@ -527,21 +696,34 @@ def _evaluate(
     seed_dir: Path,
     run: _SeedRun,
 ) -> None:
-    """Energy scores of every classifier; post-hoc detectors on the cross-entropy model; a pixel-mean reference."""
+    """Energy scores of models (a)-(e), the baselines' own scores, post-hoc detectors on model (a), pixel mean."""
+    from dreamood.baselines import classification_accuracy
     from dreamood.detectors import KNN, MSP, Mahalanobis, MaxLogit, ReAct, ViM
     from dreamood.evaluation import OODEvaluator, energy_score
 
     id_loader = _loader(data.test_images, data.test_labels, 512)
     ood_loaders = {name: _loader(images, None, 512) for name, images in test_sets.items()}
 
-    def evaluate(key: str, scorer: Any, model: Callable[[Tensor], Tensor] | None, accuracy: bool = True) -> None:
+    def evaluate(
+        key: str,
+        scorer: Any,
+        model: Callable[[Tensor], Tensor] | None,
+        accuracy: bool = True,
+        accuracy_of: nn.Module | None = None,
+    ) -> None:
         evaluator = OODEvaluator(scorer, model=model, accuracy=accuracy, device=device, progress=False)
         report = evaluator.evaluate(id_loader, ood_loaders)
+        if accuracy_of is not None:
+            measured = classification_accuracy(accuracy_of, id_loader, device=device, progress_bar=False)
+            report = replace(report, id_accuracy=measured)
         report.to_json(seed_dir / "reports" / f"{key}.json")
         run.reports[key] = report.to_dict()
 
     for key, model in models.items():
         evaluate(key, energy_score, model)
+    for key, scoring in baselines.items():
+        # A scorer of images (GODIN) gets no model; the accuracy then comes from its classifier.
+        evaluate(key, scoring.scorer, scoring.model, scoring.classifier is None, scoring.classifier)
 
     baseline: Any = models["ce"]
     train_images = data.train_images.to(device)
@@ -567,6 +749,110 @@ def _evaluate(
         return -(images.mean(dim=(1, 2, 3)) - reference).abs()
 
     evaluate("pixel_mean", pixel_mean_score, None, accuracy=False)
+
+
+# ---------------------------------------------------------------------------------------------------- generalisation
+
+
+def _decode_inliers(
+    seed: int,
+    config: DemoConfig,
+    bank: FeatureBank,
+    anchors: TokenEmbeddings,
+    decoder: InDomainDiffusionDecoder,
+    device: torch.device,
+    seed_dir: Path,
+    run: _SeedRun,
+) -> tuple[Tensor, Tensor]:
+    """DREAM-ID's inliers: embeddings drawn around the densest bank points of each class, decoded, labelled."""
+    from dreamood.sampling.knn_boundary import KNNBoundarySampler
+
+    settings = _sampler_settings(config, int(bank.class_counts.min()), inlier=True)
+    sigma = config.effective_inlier_sigma(anchors.dim)
+    run.inlier_sampler_settings = {**settings, "sigma": sigma, "num_per_class": config.inliers_per_class}
+    sampler = KNNBoundarySampler(
+        **settings, sigma=sigma, mode="inlier", seed=seed, device=device, show_progress=config.progress
+    )
+    samples = sampler.sample(bank, anchors, config.inliers_per_class)
+    samples.save(seed_dir / "artifacts" / "inlier_embeddings")
+    return _decode(decoder, samples, seed_dir / "inliers" / "dream-id", config, seed=seed)
+
+
+def _appended_images(
+    seed: int, config: DemoConfig, data: DigitsData, inliers: tuple[Tensor, Tensor]
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """The labelled images each generalisation method appends to the training digits, as many for every method.
+
+    DREAM-ID appends its decoded inliers; each augmentation baseline appends a fixed pool of augmented copies
+    of the training digits (paper Table 4), ``inliers_per_class`` per class, built once (pool item ``i`` is
+    always the same image). CutMix's labels are mixtures: rows of class probabilities.
+    """
+    from dreamood.baselines import AUGMENTATIONS, AugmentedPool
+
+    train_set = TensorDataset(data.train_images, data.train_labels)
+    extra = {"dream_id": inliers}
+    for method in AUGMENTATIONS:
+        pool = AugmentedPool(
+            train_set, method, num_per_class=config.inliers_per_class, num_classes=data.num_classes, seed=seed
+        )
+        images, labels = zip(*(pool[i] for i in range(len(pool))))
+        targets = torch.stack(labels) if method == "cutmix" else torch.tensor(labels, dtype=torch.int64)
+        extra[method] = (torch.stack(images), targets)
+    return extra
+
+
+def _train_generalization(
+    seed: int,
+    config: DemoConfig,
+    data: DigitsData,
+    extra: Mapping[str, tuple[Tensor, Tensor]],
+    device: torch.device,
+    seed_dir: Path,
+    run: _SeedRun,
+) -> dict[str, nn.Module]:
+    """The classifier of model (a) trained from scratch on the training digits plus each method's extra images.
+
+    Every step adds a batch of the extra images to the ID batch, as DREAM-ID's training does (paper Sec. 5).
+    """
+    from dreamood.baselines import train_supervised
+
+    recipe = _recipe(config, seed, device)
+    models: dict[str, nn.Module] = {}
+    for key, (images, labels) in extra.items():
+        with _seeded(seed):
+            model = _classifier(config, data.num_classes)
+        synthetic = _loader(images, labels, config.classifier_batch_size, shuffle_seed=seed + 1)
+        # Mixed (CutMix) labels need the loop that takes target distributions.
+        train = train_supervised if labels.is_floating_point() else None
+        models[key] = _train(key, model, config, data, recipe, seed_dir, run, train, synthetic_id_loader=synthetic)
+    return models
+
+
+def _accuracies(
+    model: Callable[[Tensor], Tensor], sets: Mapping[str, Tensor], data: DigitsData, device: torch.device
+) -> dict[str, float]:
+    """Top-1 accuracy of ``model`` on every version of the ID test set (all share the test labels)."""
+    from dreamood.baselines import classification_accuracy
+
+    return {
+        name: classification_accuracy(model, _loader(images, data.test_labels, 512), device=device, progress_bar=False)
+        for name, images in sets.items()
+    }
+
+
+def _memo(model: nn.Module, seed: int, config: DemoConfig, device: torch.device) -> Callable[[Tensor], Tensor]:
+    """MEMO test-time adaptation (Zhang et al., NeurIPS 2022) of ``model``, restored exactly after every image."""
+    from dreamood.baselines import MEMO
+
+    return MEMO(
+        model,
+        num_augmentations=config.memo_augmentations,
+        lr=config.memo_lr,
+        prior_strength=config.memo_prior_strength,
+        seed=seed,
+        device=device,
+        progress=config.progress,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- figures
@@ -605,7 +891,7 @@ def _figure_sigmas(
         sampler = KNNBoundarySampler(**sampler_kwargs, sigma=value, seed=seed, show_progress=False)
         samples = sampler.sample(bank, anchors, 2)
         folder = out_dir / "artifacts" / "sigma_grid" / f"sigma-{value:.4f}"
-        rows.append(_decode(decoder, samples, folder, replace(config, progress=False), seed=seed))
+        rows.append(_decode(decoder, samples, folder, replace(config, progress=False), seed=seed)[0])
         labels.append(f"sigma = {value:.3g} ({multiplier:g}x)")
     return _save_rows(rows, labels, out_dir / "figures" / "outliers_by_sigma.png", len(rows[0]))
 
@@ -622,6 +908,21 @@ def _figure_outliers(
     return _save_rows(rows, labels, out_dir / "figures" / "outliers.png", 12)
 
 
+def _figure_generalization(
+    data: DigitsData, extra: Mapping[str, tuple[Tensor, Tensor]], rotated: Tensor, out_dir: Path
+) -> str:
+    """Class 0 in every version the generalisation table uses: test, rotated test, training, appended images."""
+    name = data.class_names[0]
+    rows = [data.test_images[data.test_labels == 0], rotated[data.test_labels == 0]]
+    rows.append(data.train_images[data.train_labels == 0])
+    labels = [f"{name}: ID test digits", f"{name}: rotated test digits", f"{name}: training digits"]
+    for key, (images, targets) in extra.items():
+        classes = targets.argmax(dim=1) if targets.is_floating_point() else targets
+        rows.append(images[classes == 0])
+        labels.append(GENERALIZATION[key])
+    return _save_rows(rows, labels, out_dir / "figures" / "generalization.png", 12)
+
+
 # ---------------------------------------------------------------------------------------------------- results
 
 
@@ -629,6 +930,7 @@ def _metrics(
     config: DemoConfig,
     data: DigitsData,
     test_sets: Mapping[str, Tensor],
+    rotated: Tensor,
     decoder_info: dict[str, Any],
     seed_runs: list[_SeedRun],
     timer: StageTimer,
@@ -636,7 +938,7 @@ def _metrics(
     figures: dict[str, str],
 ) -> dict[str, Any]:
     """Everything ``metrics.json`` holds: settings, data, per-seed reports, aggregates, timings."""
-    from dreamood.demo.report import aggregate
+    from dreamood.demo.report import aggregate, aggregate_accuracy
 
     keys = list(seed_runs[0].reports)
     per_seed = {key: [run.reports[key] for run in seed_runs] for key in keys}
@@ -663,12 +965,21 @@ def _metrics(
                 "sampler": run.sampler_settings,
                 "token_noise_std": run.token_noise_std,
                 "npos_sigma": run.npos_sigma,
+                "godin_epsilon": run.godin_epsilon,
+                "godin_validation_scores": run.godin_validation_scores,
+                "inlier_sampler": run.inlier_sampler_settings,
                 "train_accuracy": run.train_accuracy,
+                "generalization": run.generalization,
             }
             for run in seed_runs
         ],
         "reports": per_seed,
         "aggregate": {key: aggregate(reports) for key, reports in per_seed.items()},
+        "generalization": {
+            "sets": {"ID test": len(data.test_labels), ROTATED: len(rotated)},
+            "mean_intensity": {"ID test": float(data.test_images.mean()), ROTATED: float(rotated.mean())},
+            "aggregate": aggregate_accuracy([run.generalization for run in seed_runs]),
+        },
         "timings_s": dict(timer.seconds),
         "cpu_timings_s": dict(timer.cpu_seconds),
         "total_s": timer.total,

@@ -16,7 +16,16 @@ from typing import Any
 
 from dreamood.io import atomic_write
 
-__all__ = ["aggregate", "build_blocks", "print_summary", "render_html", "render_markdown", "write_reports"]
+__all__ = [
+    "aggregate",
+    "aggregate_accuracy",
+    "build_blocks",
+    "generalization_rows",
+    "print_summary",
+    "render_html",
+    "render_markdown",
+    "write_reports",
+]
 
 # The metrics shown in tables, with their headers (fractions are shown as percentages).
 _METRICS = {"fpr95": "FPR95 (ID+)", "fpr95_ood_positive": "FPR95 (OOD+)", "auroc": "AUROC"}
@@ -32,6 +41,9 @@ _LABELS = {
     "token_noise": "(c) noise on T(y) (Table 2, I)",
     "vos": "(d) VOS",
     "npos": "(e) NPOS",
+    "godin": "(f) GODIN",
+    "godin_eps0": "(f) GODIN, epsilon = 0",
+    "gan": "(g) GAN outliers, MSP",
     "posthoc_msp": "(a) + MSP",
     "posthoc_maxlogit": "(a) + MaxLogit",
     "posthoc_mahalanobis": "(a) + Mahalanobis",
@@ -40,7 +52,7 @@ _LABELS = {
     "posthoc_react": "(a) + ReAct",
     "pixel_mean": "pixel mean (no network)",
 }
-_TRAINED = ("ce", "dream_ood", "token_noise", "vos", "npos")
+_TRAINED = ("ce", "dream_ood", "token_noise", "vos", "npos", "godin", "godin_eps0", "gan")
 
 
 # ---------------------------------------------------------------------------------------------------- numbers
@@ -87,6 +99,29 @@ def aggregate(reports: Sequence[dict[str, Any]], groups: dict[str, list[str]] | 
     accuracies = [report.get("id_accuracy") for report in reports]
     accuracy = _mean_std([float(a) for a in accuracies if a is not None]) if None not in accuracies else None
     return {"sets": sets, "groups": group_stats, "id_accuracy": accuracy, "seeds": len(reports)}
+
+
+def aggregate_accuracy(per_seed: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean and standard deviation over seeds of every method's accuracy on every test set.
+
+    Args:
+        per_seed: For each seed, ``{method: {test set: accuracy}}``, with the same methods and sets.
+
+    Returns:
+        ``{method: {test set: {"mean", "std"}}}``, fractions in ``[0, 1]``.
+
+    Raises:
+        ValueError: ``per_seed`` is empty or the seeds hold different methods or sets.
+    """
+    if not per_seed:
+        raise ValueError("per_seed is empty: nothing to aggregate")
+    layout = {key: list(sets) for key, sets in per_seed[0].items()}
+    if any({key: list(sets) for key, sets in seed.items()} != layout for seed in per_seed):
+        raise ValueError("the seeds hold different methods or test sets")
+    return {
+        key: {name: _mean_std([seed[key][name] for seed in per_seed]) for name in names}
+        for key, names in layout.items()
+    }
 
 
 def _pct(stat: dict[str, float] | None, seeds: int) -> str:
@@ -149,12 +184,19 @@ def findings(metrics: dict[str, Any]) -> list[str]:
         delta = 100 * (dream["mean"] - base["mean"])
         margin = max(0.5, 100 * max(base["std"], dream["std"]))
         verdict = "better than" if delta > margin else "worse than" if delta < -margin else "no clear difference from"
-        trained = {key: stats[key]["groups"][group]["auroc"]["mean"] for key in _TRAINED}
+        trained = {key: stats[key]["groups"][group]["auroc"]["mean"] for key in _TRAINED if key in stats}
         best = max(trained, key=lambda key: trained[key])
         lines.append(
             f"{title}: DREAM-OOD reaches AUROC {100 * dream['mean']:.1f} against {100 * base['mean']:.1f} for "
-            f"cross-entropy alone ({delta:+.1f} points, {verdict} the baseline); the best of the five trained "
-            f"models is {_LABELS[best]} ({100 * trained[best]:.1f})."
+            f"cross-entropy alone ({delta:+.1f} points, {verdict} the baseline); the best of the {len(trained)} "
+            f"rows of trained models is {_LABELS[best]} ({100 * trained[best]:.1f})."
+        )
+    if "godin" in stats:
+        epsilons = sorted({seed["godin_epsilon"] for seed in metrics["seeds"]})
+        lines.append(
+            f"GODIN's criterion (largest mean score on ID training digits) chose epsilon "
+            f"{', '.join(f'{e:g}' for e in epsilons)}; the row (f) with epsilon = 0 shows the score without input "
+            "perturbation. Neither uses an OOD image."
         )
     if "pixel_mean" in stats and {"far", "far_matched"} <= set(stats["pixel_mean"]["groups"]):
         raw = stats["pixel_mean"]["groups"]["far"]["auroc"]["mean"]
@@ -164,7 +206,7 @@ def findings(metrics: dict[str, Any]) -> list[str]:
             f"far-OOD sets and {100 * matched:.1f} on their intensity-matched versions: the matched sets remove "
             "that shortcut, so they are the more honest far-OOD test."
         )
-    accuracy = {key: _accuracy(metrics, key) for key in _TRAINED}
+    accuracy = {key: _accuracy(metrics, key) for key in _TRAINED if key in stats}
     if all(a is not None for a in accuracy.values()):
         base_acc = accuracy["ce"]["mean"]  # type: ignore[index]
         dream_acc = accuracy["dream_ood"]["mean"]  # type: ignore[index]
@@ -177,6 +219,87 @@ def findings(metrics: dict[str, Any]) -> list[str]:
     else:
         lines.append("One seed: differences of a few points may be noise; run --seeds 3 or more for error bars.")
     return lines
+
+
+def generalization_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the generalisation table: top-1 accuracy on each version of the ID test set.
+
+    Args:
+        metrics: The content of ``metrics.json``.
+
+    Returns:
+        ``(header, rows)`` of strings, accuracies in %.
+    """
+    from dreamood.demo.pipeline import GENERALIZATION
+
+    table = metrics["generalization"]
+    seeds = len(metrics["seeds"])
+    sizes = table["sets"]
+    degrees = metrics["config"]["rotation_degrees"]
+    names = {"ID test": f"ID test ({sizes['ID test']})", "rotated": f"rotated ±{degrees:g}° ({sizes['rotated']})"}
+    header = ["method", *(names.get(name, name) for name in sizes), "change"]
+    rows = []
+    for key, accuracy in table["aggregate"].items():
+        stats = [accuracy[name] for name in sizes]
+        drop = 100 * (stats[-1]["mean"] - stats[0]["mean"])
+        rows.append([GENERALIZATION.get(key, key), *(_pct(stat, seeds) for stat in stats), f"{drop:+.1f}"])
+    return header, rows
+
+
+def generalization_findings(metrics: dict[str, Any]) -> list[str]:
+    """Plain sentences comparing each generalisation method with cross-entropy alone on the rotated digits.
+
+    The same rule as :func:`findings`: a difference counts when it exceeds half a point and the larger of the two
+    standard deviations (and, with one seed, one test image).
+
+    Args:
+        metrics: The content of ``metrics.json``.
+
+    Returns:
+        One sentence per finding.
+    """
+    from dreamood.demo.pipeline import GENERALIZATION
+
+    table = metrics["generalization"]["aggregate"]
+    size = metrics["generalization"]["sets"]["rotated"]
+    base = table["ce"]["rotated"]
+    better: list[str] = []
+    worse: list[str] = []
+    same: list[str] = []
+    for key, accuracy in table.items():
+        if key == "ce":
+            continue
+        stat = accuracy["rotated"]
+        delta = 100 * (stat["mean"] - base["mean"])
+        margin = max(0.5, 100 / size, 100 * max(base["std"], stat["std"]))
+        entry = f"{GENERALIZATION.get(key, key)} ({delta:+.1f})"
+        (better if delta > margin else worse if delta < -margin else same).append(entry)
+    lines = [
+        f"Rotated digits: cross-entropy alone reaches {100 * base['mean']:.1f}% (one test image is "
+        f"{100 / size:.2f} points). Better: {', '.join(better) or 'none'}. Worse: {', '.join(worse) or 'none'}. "
+        f"No clear difference: {', '.join(same) or 'none'}."
+    ]
+    clean = [accuracy["ID test"]["mean"] for accuracy in table.values()]
+    saturated = "; this close to 100% it leaves little room to separate them" if min(clean) >= 0.97 else ""
+    lines.append(
+        f"ID test digits: accuracy from {100 * min(clean):.1f}% to {100 * max(clean):.1f}% over the methods{saturated}."
+    )
+    return lines
+
+
+GENERALIZATION_LIMITS = [
+    "What the table can show: with one classifier and one recipe, whether appending the decoded DREAM-ID inliers, "
+    "or as many augmented copies of the training digits, changes the accuracy on the ID test digits and on a "
+    "rotated copy of them, and what MEMO's test-time adaptation does to model (a).",
+    "What it cannot show: DREAM-ID's claim that inliers rendered by Stable Diffusion improve accuracy on ImageNet-A "
+    "and ImageNet-V2. The demo's decoder was trained on the same training digits, so its inliers hold no knowledge "
+    "the training set lacks; any gain can only come from their variety. The rotated copy is a synthetic shift "
+    "chosen here, not a natural one, and RandAugment and AutoAugment draw rotations and shears among their "
+    "operations, so for them it lies partly inside the training distribution. The test sets are small: read the "
+    "size of one test image and, with one seed, treat a difference of a point or two as noise.",
+    "Every setting comes from the papers (see Settings) and was fixed before the test digits or their rotated copy "
+    "were scored; the rotation range was chosen as a small shift before any model was evaluated on it.",
+]
 
 
 LIMITS = [
@@ -294,9 +417,55 @@ def _settings_rows(metrics: dict[str, Any]) -> list[list[str]]:
             "VOS: 10,000 draws, keep 1, start 40/100; NPOS: k and boundary as 10% and 5% of the queue, sigma 0.1 "
             "times the mean feature norm of model (a) (NPOS uses unit-norm features)",
         ],
+        [
+            "GODIN (f)",
+            f"{config['godin_similarity']} h, no weight decay on h; epsilon {_epsilons(metrics)} of the grid 0-0.08",
+            "Hsu et al.: the paper's best h and its epsilon grid (plus 0); epsilon = the value with the largest mean "
+            "score on ID data, here the training digits (no validation split, no OOD image). The grid is in the "
+            "model's input units: normalised pixels on CIFAR (std about 0.25), raw [0, 1] pixels here",
+        ],
+        [
+            "GAN outliers (g)",
+            f"DCGAN width {config['gan_width']}, beta {config['gan_beta']:g}, Adam 2e-4 (0.5, 0.999), one D and "
+            "one G step per classifier step",
+            "Lee et al.'s public code (beta 1 except for CIFAR-10, 0.1); scored with MSP as in the paper",
+        ],
+        [
+            "DREAM-ID inliers",
+            f"k / anchor set / anchors per round {_inlier_settings(seed0)}, sigma "
+            f"{seed0['inlier_sampler']['sigma']:.3g}, keep 1, {config['inliers_per_class']} per class",
+            "packaged imagenet100-dream-id (k 300, anchor set 1,000 of 1,000, 100 per round, sigma 0.01, keep 1), "
+            "scaled like Phase 2",
+        ],
+        [
+            "augmentation baselines",
+            f"RandAugment, AutoAugment, AugMix, CutMix: {config['inliers_per_class']} fixed copies per class appended",
+            "torchvision with the paper's settings (2 ops of magnitude 9; ImageNet policy; 3 chains, alpha 1; "
+            "alpha 1), as many images as DREAM-ID appends (Table 4)",
+        ],
+        [
+            "MEMO",
+            f"{config['memo_augmentations']} AugMix copies, one SGD step of lr {config['memo_lr']:g}, BatchNorm "
+            f"prior {config['memo_prior_strength']}",
+            "MEMO's CIFAR-10 code (32 copies, lr 0.005); prior 16 from its ImageNet code",
+        ],
+        [
+            "rotated test digits",
+            f"each ID test digit rotated by a uniform angle in ±{config['rotation_degrees']:g}°, bilinear, seeded",
+            "a small shift fixed before any model was scored on it",
+        ],
         ["post-hoc detectors", "fitted on model (a)'s training features", "KNN k scaled from 50 of 50,000"],
         ["seeds", ", ".join(str(s["seed"]) for s in metrics["seeds"]), "--seeds N: mean ± sample std"],
     ]
+
+
+def _epsilons(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{s['godin_epsilon']:g}" for s in metrics["seeds"])
+
+
+def _inlier_settings(seed: dict[str, Any]) -> str:
+    sampler = seed["inlier_sampler"]
+    return f"{sampler['k']} / {sampler['boundary_size']} / {sampler['anchors_per_round']}"
 
 
 def build_blocks(metrics: dict[str, Any]) -> list[Block]:
@@ -328,8 +497,10 @@ def build_blocks(metrics: dict[str, Any]) -> list[Block]:
         _table(
             header,
             rows,
-            "Energy score for models (a)-(e); post-hoc scores on model (a). FPR95 (ID+) = fraction of OOD images "
-            "accepted when 95% of ID test images are (lower is better); AUROC higher is better; in %. " + _LEGEND,
+            "Energy score for models (a)-(e); GODIN's score for (f) (with its chosen input perturbation, and "
+            "without); maximum softmax probability for (g); post-hoc scores on model (a). FPR95 (ID+) = fraction of "
+            "OOD images accepted when 95% of ID test images are (lower is better); AUROC higher is better; in %. "
+            + _LEGEND,
         )
     )
     blocks.append(Block("list", rows=tuple((line,) for line in findings(metrics))))
@@ -424,6 +595,8 @@ def build_blocks(metrics: dict[str, Any]) -> list[Block]:
         )
     )
 
+    blocks += _generalization_blocks(metrics)
+
     blocks.append(Block("h2", "Settings"))
     blocks.append(_table(["setting", "value", "where it comes from"], _settings_rows(metrics)))
     blocks.append(Block("h2", "Time per stage"))
@@ -448,11 +621,53 @@ def build_blocks(metrics: dict[str, Any]) -> list[Block]:
                 ("artifacts/: the decoder (safetensors + JSON), anchors T(y), images decoded from T(y)",),
                 ("seed-*/artifacts/: encoder checkpoint, feature bank, outlier and noise embeddings",),
                 ("seed-*/outliers/: the decoded outlier images with their manifest",),
-                ("seed-*/classifiers/: checkpoint and training history of each classifier",),
+                ("seed-*/artifacts/: also the DREAM-ID inlier embeddings",),
+                ("seed-*/inliers/: the decoded DREAM-ID inliers with their manifest",),
+                (
+                    "seed-*/classifiers/: checkpoint and training history of each classifier (GODIN and CutMix, "
+                    "trained by their own loops: model.pt; the GAN's DCGAN: gan/dcgan.pt)",
+                ),
                 ("seed-*/reports/: one OOD report (JSON) per method",),
             ),
         )
     )
+    return blocks
+
+
+def _generalization_blocks(metrics: dict[str, Any]) -> list[Block]:
+    """The generalisation section: what was compared, the table, the findings, what it can and cannot show."""
+    table = metrics["generalization"]
+    intensity = table["mean_intensity"]
+    header, rows = generalization_rows(metrics)
+    blocks = [
+        Block("h2", "Generalisation: DREAM-ID and its baselines"),
+        Block(
+            "p",
+            "DREAM-ID (the paper's Sec. 5) samples inlier embeddings around the densest points of each class, "
+            "decodes them and appends them, with their labels, to the training set. Here the classifier of model "
+            "(a) is trained from scratch, with the same recipe, on the training digits plus the decoded inliers, or "
+            "plus as many fixed augmented copies of the training digits (RandAugment, AutoAugment, AugMix, "
+            "CutMix: the paper's Table 4); MEMO adapts model (a) to each test image on its own (Zhang et al., "
+            "NeurIPS 2022). The shifted test set rotates every ID test digit by a random small angle "
+            f"(mean pixel value {intensity['rotated']:.2f} against {intensity['ID test']:.2f}).",
+        ),
+        _table(
+            header,
+            rows,
+            "Top-1 accuracy in % (number of test images in brackets); change = rotated minus ID test, in points.",
+        ),
+        Block("list", rows=tuple((line,) for line in generalization_findings(metrics))),
+    ]
+    if "generalization" in metrics["figures"]:
+        blocks.append(
+            Block(
+                "figure",
+                "One class in every version used here: test digits, their rotated copies, training digits, DREAM-ID "
+                "inliers and the augmented copies of each baseline.",
+                path=metrics["figures"]["generalization"],
+            )
+        )
+    blocks += [Block("p", text) for text in GENERALIZATION_LIMITS]
     return blocks
 
 
@@ -572,23 +787,21 @@ def print_summary(metrics: dict[str, Any], out_dir: Path, *, enabled: bool = Tru
     Returns:
         The text.
     """
-    header, rows = summary_rows(metrics)
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join([cells[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(cells[1:], widths[1:]))])
-
     timings = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in metrics["timings_s"].items())
     text = "\n".join(
         [
             "",
-            "DREAM-OOD demo: energy score (post-hoc rows on model (a)); FPR95 (ID+) and AUROC in %",
-            line(header),
-            "  ".join("-" * w for w in widths),
-            *(line(r) for r in rows),
+            "DREAM-OOD demo: energy score for (a)-(e), GODIN's score for (f), MSP for (g), post-hoc rows on model (a); "
+            "FPR95 (ID+) and AUROC in %",
+            *_columns(*summary_rows(metrics)),
             _wrap(_LEGEND, indent=""),
             "",
             *(_wrap(f"* {sentence}") for sentence in findings(metrics)),
+            "",
+            "Generalisation: top-1 accuracy in % on the ID test digits and on a rotated copy",
+            *_columns(*generalization_rows(metrics)),
+            "",
+            *(_wrap(f"* {sentence}") for sentence in generalization_findings(metrics)),
             "",
             f"time: {metrics['total_s']:.0f}s ({timings})",
             f"report: {out_dir / 'report.html'}  (also report.md, metrics.json, figures/)",
@@ -597,6 +810,16 @@ def print_summary(metrics: dict[str, Any], out_dir: Path, *, enabled: bool = Tru
     if enabled:
         print(text)
     return text
+
+
+def _columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A plain-text table: the first column left-aligned, the others right-aligned, a dashed rule."""
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join([cells[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(cells[1:], widths[1:]))])
+
+    return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
 
 
 def _wrap(text: str, width: int = 110, indent: str = "  ") -> str:
