@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from dreamood._utils import resolve_device
+from dreamood._validation import check_choice, check_positive, check_positive_int
 from dreamood.config import PipelineConfig
 from dreamood.io import atomic_write, load_checkpoint, save_checkpoint
 
@@ -202,8 +203,6 @@ class BaselineConfig:
     memo_prior_strength: float | None = 16.0
 
     def __post_init__(self) -> None:
-        from dreamood._validation import check_choice, check_positive, check_positive_int
-
         check_choice(self.godin_similarity, ("cosine", "inner", "euclidean"), "godin_similarity")
         check_positive_int(self.godin_validation_images, "godin_validation_images")
         check_positive(self.gan_beta, "gan_beta", allow_zero=True)
@@ -953,8 +952,8 @@ class Pipeline:
           ``baselines.godin_validation_images`` ID training images; ``godin.json`` records the choice.
         * ``"gan"``: the run's classifier trained jointly with a DCGAN whose samples it learns to give a uniform
           prediction (Lee et al., ICLR 2018), scored with the maximum softmax probability. Needs a power-of-two
-          image size (CIFAR's 32; not ImageNet's 224). The loop's checkpoints do not hold the GAN, so an
-          interrupted GAN training starts again.
+          image size (CIFAR's 32; not ImageNet's 224) and a single process (not ``torchrun``). The loop's
+          checkpoints do not hold the GAN, so an interrupted GAN training starts again.
 
         The evaluation follows ``config.evaluation`` (protocol, repeats) like the main report. Skipped when
         ``baselines/<name>/report.json`` exists (delete the folder to redo it).

@@ -421,8 +421,8 @@ def _settings_rows(metrics: dict[str, Any]) -> list[list[str]]:
             "GODIN (f)",
             f"{config['godin_similarity']} h, no weight decay on h; epsilon {_epsilons(metrics)} of the grid 0-0.08",
             "Hsu et al.: the paper's best h and its epsilon grid (plus 0); epsilon = the value with the largest mean "
-            "score on ID data, here the training digits (no validation split, no OOD image). The grid is in the "
-            "model's input units: normalised pixels on CIFAR (std about 0.25), raw [0, 1] pixels here",
+            "score on ID data, here the training digits (no validation split, no OOD image); the perturbation is "
+            "applied to the model's inputs, here raw [0, 1] pixels",
         ],
         [
             "GAN outliers (g)",
