@@ -3,8 +3,10 @@
 ID data are scikit-learn's 8x8 handwritten digits; near-OOD are the digits left out of the ID classes; far-OOD
 are crops of real photographs (textures, faces, photos) in a raw and an intensity-matched version. Every stage
 of DREAM-OOD (Du et al., NeurIPS 2023) runs from the library's public API, with a small diffusion model trained
-on the digits in place of Stable Diffusion. The run writes ``report.md``, ``report.html``, ``metrics.json``,
-PNG figures and every stage's artefacts, and prints a summary table.
+on the digits in place of Stable Diffusion, next to the paper's baselines: VOS, NPOS, GODIN, GAN-based outliers
+and post-hoc detectors for OOD detection, and for DREAM-ID's generalisation RandAugment, AutoAugment, AugMix,
+CutMix and MEMO on a rotated copy of the test digits. The run writes ``report.md``, ``report.html``,
+``metrics.json``, PNG figures and every stage's artefacts, and prints the summary tables.
 
 Use it from the command line (``dreamood demo --help``) or from Python::
 
