@@ -292,12 +292,15 @@ def _logging_to_stderr(quiet: bool) -> Iterator[None]:
         logger.propagate = saved[1]
 
 
-def _close_process_group() -> None:
+def _close_process_group(*, succeeded: bool) -> None:
     if "torch.distributed" not in sys.modules:
         return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if succeeded:
+            # Tearing the group down while a peer is still in a gloo collective can abort the peer.
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -323,9 +326,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(arguments)
     except SystemExit as exit_:  # --help, --version and usage errors
         return int(exit_.code or 0) if isinstance(exit_.code, int) or exit_.code is None else 2
+    succeeded = False
     try:
         with _logging_to_stderr(args.quiet):
-            return int(args.handler(args))
+            code = int(args.handler(args))
+        succeeded = code == 0
+        return code
     except KeyboardInterrupt:
         print(f"dreamood {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -335,4 +341,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dreamood {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 1
     finally:
-        _close_process_group()
+        _close_process_group(succeeded=succeeded)

@@ -88,6 +88,9 @@ def _worker(out: Path) -> None:
         "history": [r.to_dict() for r in result.history],
     }
     (out / f"result_rank{rank}.json").write_text(json.dumps(summary))
+    # Both ranks reach this point before the group is torn down: a rank that destroys it while its peer
+    # is still in a gloo collective can abort the peer ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
