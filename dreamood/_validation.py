@@ -108,3 +108,13 @@ def check_class_names(class_names: Sequence[str], name: str = "class_names") -> 
             raise ValueError(f"{name} has a duplicate: {class_name!r} at positions {seen[class_name]} and {index}")
         seen[class_name] = index
     return names
+
+
+def check_size_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """Return an image size given as an int or a ``(height, width)`` pair as a pair of positive ints."""
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be an int or a (height, width) pair, got {value!r}")
+    for side in pair:
+        check_positive_int(side, name)
+    return int(pair[0]), int(pair[1])

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dreamood._validation import check_choice, check_positive_int
+from dreamood._validation import check_choice, check_size_pair
 from dreamood.decoding.generation import MANIFEST_NAME
 from dreamood.errors import ArtifactError
 
@@ -55,7 +55,7 @@ class GeneratedImageFolder(Dataset[tuple[Any, int]]):
     ) -> None:
         check_choice(mode, ("RGB", "L"), "mode")
         self.root = Path(root)
-        self.image_size = _size_pair(image_size)
+        self.image_size = None if image_size is None else check_size_pair(image_size, "image_size")
         self.transform = transform
         self.mode = mode
         manifest = self.root / MANIFEST_NAME
@@ -128,14 +128,3 @@ def _to_tensor(image: Any) -> Tensor:
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0
-
-
-def _size_pair(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
-    if image_size is None:
-        return None
-    pair = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if len(pair) != 2:
-        raise ValueError(f"image_size must be an int or a (height, width) pair, got {image_size!r}")
-    for side in pair:
-        check_positive_int(side, "image_size")
-    return int(pair[0]), int(pair[1])

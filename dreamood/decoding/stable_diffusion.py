@@ -27,6 +27,7 @@ from dreamood._validation import (
     check_positive,
     check_positive_int,
     check_rank,
+    check_size_pair,
 )
 from dreamood.decoding.injection import (
     PromptTokens,
@@ -75,15 +76,6 @@ def _resolve_dtype(torch_dtype: torch.dtype | str | None, device: torch.device) 
         return torch_dtype
     check_choice(torch_dtype, tuple(_DTYPES), "torch_dtype")
     return _DTYPES[torch_dtype]
-
-
-def _size_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2:
-        raise ValueError(f"{name} must be an int or a (height, width) pair, got {value!r}")
-    for side in pair:
-        check_positive_int(side, name)
-    return int(pair[0]), int(pair[1])
 
 
 class StableDiffusionDecoder:
@@ -176,7 +168,7 @@ class StableDiffusionDecoder:
         self.negative_prompt = negative_prompt
         self.height = height
         self.width = width
-        self.output_size = None if output_size is None else _size_pair(output_size, "output_size")
+        self.output_size = None if output_size is None else check_size_pair(output_size, "output_size")
         self.batch_size = batch_size
         self.resize_mode = resize_mode
         self.progress = progress
