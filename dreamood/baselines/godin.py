@@ -23,6 +23,7 @@ from dreamood._validation import as_tensor, check_choice, check_finite, check_fl
 from dreamood.baselines.supervised import train_supervised
 from dreamood.detectors.base import Detector, finish_scores
 from dreamood.models._seed import seeded
+from dreamood.models.classifier import backbone_features, resolve_feature_dim
 from dreamood.training.config import TrainingConfig, TrainingResult
 
 if TYPE_CHECKING:
@@ -175,12 +176,7 @@ class GodinClassifier(nn.Module):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        if feature_dim is None:
-            feature_dim = getattr(backbone, "feature_dim", None)
-            if not isinstance(feature_dim, int):
-                raise ValueError(
-                    f"feature_dim is needed: backbone {type(backbone).__name__} has no integer feature_dim attribute"
-                )
+        feature_dim = resolve_feature_dim(backbone, feature_dim)
         self.backbone = backbone
         self.head = GodinHead(feature_dim, num_classes, similarity, seed=seed)
         self.feature_dim = feature_dim
@@ -192,12 +188,7 @@ class GodinClassifier(nn.Module):
         Raises:
             ValueError: The backbone's output does not have shape ``(N, feature_dim)``.
         """
-        features: Tensor = self.backbone(images)
-        if features.dim() != 2 or features.shape[1] != self.feature_dim:
-            raise ValueError(
-                f"the backbone must return features of shape (N, {self.feature_dim}), got {tuple(features.shape)}"
-            )
-        return features
+        return backbone_features(self.backbone, images, self.feature_dim)
 
     def similarities(self, images: Tensor) -> Tensor:
         """The class similarities ``h`` ``(N, C)`` of ``images``."""

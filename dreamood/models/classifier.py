@@ -7,6 +7,33 @@ from torch import Tensor, nn
 from dreamood._validation import check_positive_int
 
 
+def resolve_feature_dim(backbone: nn.Module, feature_dim: int | None) -> int:
+    """``feature_dim`` when given, else the backbone's integer ``feature_dim`` attribute.
+
+    Raises:
+        ValueError: ``feature_dim`` is ``None`` and the backbone has no integer ``feature_dim``.
+    """
+    if feature_dim is None:
+        feature_dim = getattr(backbone, "feature_dim", None)
+        if not isinstance(feature_dim, int):
+            raise ValueError(
+                f"feature_dim is needed: backbone {type(backbone).__name__} has no integer feature_dim attribute"
+            )
+    return feature_dim
+
+
+def backbone_features(backbone: nn.Module, images: Tensor, feature_dim: int) -> Tensor:
+    """Run ``backbone`` on ``images`` and check the result has shape ``(N, feature_dim)``.
+
+    Raises:
+        ValueError: The backbone's output does not have shape ``(N, feature_dim)``.
+    """
+    features: Tensor = backbone(images)
+    if features.dim() != 2 or features.shape[1] != feature_dim:
+        raise ValueError(f"the backbone must return features of shape (N, {feature_dim}), got {tuple(features.shape)}")
+    return features
+
+
 class Classifier(nn.Module):
     """``head(features(x))``: a backbone mapping images to ``(N, feature_dim)`` features and a linear head.
 
@@ -25,12 +52,7 @@ class Classifier(nn.Module):
 
     def __init__(self, backbone: nn.Module, num_classes: int, feature_dim: int | None = None) -> None:
         super().__init__()
-        if feature_dim is None:
-            feature_dim = getattr(backbone, "feature_dim", None)
-            if not isinstance(feature_dim, int):
-                raise ValueError(
-                    f"feature_dim is needed: backbone {type(backbone).__name__} has no integer feature_dim attribute"
-                )
+        feature_dim = resolve_feature_dim(backbone, feature_dim)
         check_positive_int(num_classes, "num_classes")
         check_positive_int(feature_dim, "feature_dim")
         self.backbone = backbone
@@ -44,12 +66,7 @@ class Classifier(nn.Module):
         Raises:
             ValueError: The backbone's output does not have shape ``(N, feature_dim)``.
         """
-        features: Tensor = self.backbone(images)
-        if features.dim() != 2 or features.shape[1] != self.feature_dim:
-            raise ValueError(
-                f"the backbone must return features of shape (N, {self.feature_dim}), got {tuple(features.shape)}"
-            )
-        return features
+        return backbone_features(self.backbone, images, self.feature_dim)
 
     def forward_with_features(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Logits ``(N, num_classes)`` and penultimate features ``(N, feature_dim)`` in one pass."""
