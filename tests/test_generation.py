@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,79 @@ def test_resume_redoes_missing_truncated_and_corrupt_images(
     assert calls == [2, 2, 2]  # only the three batches holding a broken image are decoded
     assert untouched.stat().st_mtime_ns == stamp
     assert _tree(work) == _tree(reference)
+
+
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_files_do_not_depend_on_the_writer_threads(
+    decoder: InDomainDiffusionDecoder, samples: EmbeddingSamples, tmp_path: Path, threads: int
+) -> None:
+    reference = _run(decoder, samples, tmp_path / "reference", batch_size=3, writer_threads=2)
+    result = _run(decoder, samples, tmp_path / "work", batch_size=3, writer_threads=threads)
+    assert result.generated == reference.generated == len(samples)
+    assert _tree(tmp_path / "work") == _tree(tmp_path / "reference")
+
+
+def test_writer_threads_write_one_batch_while_the_next_is_decoded(
+    decoder: InDomainDiffusionDecoder, samples: EmbeddingSamples, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dreamood.decoding.generation as generation
+
+    # The first batch's files may only be written once the second batch is being decoded: without overlap
+    # these waits would time out.
+    second_decode = threading.Event()
+    calls: list[int] = []
+    original_decode, original_write = decoder.decode, generation._write_png
+
+    def decode(vectors: Tensor, labels: Tensor, seeds: list[int]) -> Tensor:
+        calls.append(len(seeds))
+        if len(calls) == 2:
+            second_decode.set()
+        return original_decode(vectors, labels, seeds)
+
+    overlapped: list[bool] = []
+
+    def write(path: Path, pixels: np.ndarray, record: dict[str, Any]) -> None:
+        if record["image_index"] < 4:
+            overlapped.append(second_decode.wait(timeout=60))
+        original_write(path, pixels, record)
+
+    monkeypatch.setattr(decoder, "decode", decode)
+    monkeypatch.setattr(generation, "_write_png", write)
+    _run(decoder, samples, tmp_path / "work", batch_size=4, writer_threads=2)
+    assert overlapped == [True] * 4
+    monkeypatch.undo()
+    _run(decoder, samples, tmp_path / "reference", batch_size=4, writer_threads=0)
+    assert _tree(tmp_path / "work") == _tree(tmp_path / "reference")
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_a_failed_write_surfaces_and_a_rerun_completes_the_folder(
+    decoder: InDomainDiffusionDecoder,
+    samples: EmbeddingSamples,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    threads: int,
+) -> None:
+    import dreamood.decoding.generation as generation
+
+    original_write = generation._write_png
+
+    def write(path: Path, pixels: np.ndarray, record: dict[str, Any]) -> None:
+        if record["image_index"] == 5:
+            raise OSError(28, "No space left on device", str(path))
+        original_write(path, pixels, record)
+
+    monkeypatch.setattr(generation, "_write_png", write)
+    with pytest.raises(OSError, match="No space left"):
+        _run(decoder, samples, tmp_path / "work", batch_size=3, writer_threads=threads)
+    written = {p.relative_to(tmp_path / "work").as_posix() for p in (tmp_path / "work").rglob("*.png")}
+    assert "1/000005.png" not in written and len(written) >= 5
+    assert not list((tmp_path / "work").rglob("*.tmp"))
+    monkeypatch.undo()
+    resumed = _run(decoder, samples, tmp_path / "work", batch_size=3, writer_threads=threads)
+    assert resumed.generated + resumed.skipped == len(samples) and resumed.skipped >= 5
+    _run(decoder, samples, tmp_path / "reference", batch_size=3)
+    assert _tree(tmp_path / "work") == _tree(tmp_path / "reference")
 
 
 @pytest.mark.slow
@@ -362,6 +436,8 @@ def test_bad_arguments_name_the_problem(
         _run(decoder, samples, tmp_path, images_per_class=5)
     with pytest.raises(ValueError, match="batch_size"):
         _run(decoder, samples, tmp_path, batch_size=0)
+    with pytest.raises(ValueError, match="writer_threads"):
+        _run(decoder, samples, tmp_path, writer_threads=-1)
     with pytest.raises(ValueError, match="image_format"):
         _run(decoder, samples, tmp_path, image_format="jpeg")
     with pytest.raises(ValueError, match="dimension 4"):

@@ -22,6 +22,12 @@ a run resumed after a crash or ``kill -9`` ends with the same files, byte for by
 run with the same ``batch_size`` and number of ranks. PNG encoding is deterministic (same pixels, same
 bytes). Across different batch compositions, images agree up to float rounding of the decoder's kernels.
 
+**Overlap.** The decoder's images are checked and quantised to 8 bits on its device and copied to the CPU in
+one transfer per batch; a pool of ``writer_threads`` threads then encodes and writes them while the decoder
+renders the next batch (PNG compression releases the GIL). At most two batches of pixels are held at once, and
+an error in a writer surfaces in the calling thread at the next batch. The files do not depend on the number of
+writer threads.
+
 **Sharding.** Under ``torchrun`` (an initialised ``torch.distributed`` process group, or the ``RANK`` and
 ``WORLD_SIZE`` environment variables) rank ``r`` renders the images with ``index % world_size == r``. With a
 process group, rank 0 writes the manifest after a barrier; without one, whichever rank finds the set
@@ -36,10 +42,13 @@ import json
 import os
 import re
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -193,17 +202,70 @@ def _record_text(record: dict[str, Any]) -> str:
     return json.dumps(record, sort_keys=True, separators=(",", ":"))
 
 
-def _write_png(path: Path, image: Tensor, record: dict[str, Any]) -> None:
-    """Encode ``image`` ``(3, H, W)`` in ``[0, 1]`` as an 8-bit RGB PNG with ``record`` in a text chunk."""
+def _to_pixels(images: Tensor, count: int) -> np.ndarray:
+    """Check a decoded batch ``(count, 3, H, W)`` in ``[0, 1]`` and return its 8-bit ``(count, H, W, 3)`` pixels.
+
+    The checks and the quantisation run on the images' device, with one read-back for the checks and one
+    transfer of the 8-bit pixels.
+    """
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] != count or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"decoder.decode must return images of shape ({count}, 3, H, W), got {shape}")
+    values = images.detach().float()
+    low, high = (float(v) for v in torch.stack(torch.aminmax(values)).tolist())
+    if not (np.isfinite(low) and np.isfinite(high)):
+        check_finite(values, "decoded images")
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"decoder.decode must return images in [0, 1], got values in [{low:.4g}, {high:.4g}]")
+    pixels = (values * 255.0).round().clamp(0, 255).to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def _write_png(path: Path, pixels: np.ndarray, record: dict[str, Any]) -> None:
+    """Write 8-bit RGB ``pixels`` ``(H, W, 3)`` as a PNG file with ``record`` in a text chunk, atomically."""
     from PIL import Image, PngImagePlugin
 
-    pixels = (image.detach().float() * 255.0).round().clamp(0, 255).to(torch.uint8)
-    array = pixels.permute(1, 2, 0).cpu().numpy()
     info = PngImagePlugin.PngInfo()
     info.add_text(RECORD_KEY, _record_text(record))
     with atomic_write(path) as handle:
         # Fixed settings and no timestamps: identical pixels always give identical bytes.
-        Image.fromarray(array, mode="RGB").save(handle, format="PNG", pnginfo=info, compress_level=6, optimize=False)
+        Image.fromarray(pixels).save(handle, format="PNG", pnginfo=info, compress_level=6, optimize=False)
+
+
+class _ImageWriter:
+    """Writes PNG files in a thread pool, at most two batches behind the caller (or inline without threads)."""
+
+    def __init__(self, threads: int) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="dreamood-png") if threads else None
+        self._pending: list[Future[None]] = []
+
+    def write_batch(self, jobs: list[tuple[Path, np.ndarray, dict[str, Any]]]) -> None:
+        """Wait for the previous batch's files, then write this batch's (in the background with threads)."""
+        self._finish()
+        if self._pool is None:
+            for job in jobs:
+                _write_png(*job)
+        else:
+            self._pending = [self._pool.submit(_write_png, *job) for job in jobs]
+
+    def _finish(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()  # re-raises a writer's error here, in the calling thread
+
+    def __enter__(self) -> _ImageWriter:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        try:
+            if error is None:
+                self._finish()
+        finally:
+            if self._pool is not None:
+                # Pending writes complete even when the caller failed: their pixels are already rendered.
+                self._pool.shutdown(wait=True)
 
 
 def _remove_temporaries(path: Path) -> None:
@@ -275,6 +337,7 @@ def generate_images(
     show_progress: bool = True,
     image_format: str = "png",
     overwrite: bool = False,
+    writer_threads: int = 4,
 ) -> GenerationResult:
     """Render sampled embeddings into ``out_dir/<class>/<index>.png`` plus ``manifest.jsonl``, resumably.
 
@@ -294,6 +357,8 @@ def generate_images(
         image_format: Only ``"png"`` (lossless, deterministic, carries the record).
         overwrite: Replace images and a manifest left in ``out_dir`` by a generation with another
             configuration (and remove images it does not plan) instead of raising.
+        writer_threads: Threads that encode and write the PNG files while the decoder renders the next batch;
+            ``0`` writes them in the calling thread. The files are the same either way.
 
     Returns:
         A :class:`GenerationResult`.
@@ -305,6 +370,7 @@ def generate_images(
     """
     check_positive_int(batch_size, "batch_size")
     check_positive_int(seed, "seed", allow_zero=True)
+    check_positive_int(writer_threads, "writer_threads", allow_zero=True)
     if images_per_class is not None:
         check_positive_int(images_per_class, "images_per_class")
     check_choice(image_format, _IMAGE_FORMATS, "image_format")
@@ -354,15 +420,15 @@ def generate_images(
             manifest.unlink()
     generated = 0
     bar = progress(batches, enabled=show_progress and rank == 0, desc="generating images", total=len(batches))
-    for batch in bar:
-        chunk = [mine[i] for i in batch]
-        rows = torch.tensor([r["embedding_row"] for r in chunk], device=samples.device)
-        images = decoder.decode(samples.vectors[rows], samples.labels[rows], [r["seed"] for r in chunk])
-        _check_images(images, len(chunk))
-        for i, record, image in zip(batch, chunk, images):
-            if todo[i]:
-                _write_png(root / record["path"], image, record)
-                generated += 1
+    with _ImageWriter(writer_threads) as writer:
+        for batch in bar:
+            chunk = [mine[i] for i in batch]
+            rows = torch.tensor([r["embedding_row"] for r in chunk], device=samples.device)
+            images = decoder.decode(samples.vectors[rows], samples.labels[rows], [r["seed"] for r in chunk])
+            pixels = _to_pixels(images, len(chunk))
+            jobs = [(root / record["path"], image, record) for i, record, image in zip(batch, chunk, pixels) if todo[i]]
+            writer.write_batch(jobs)
+            generated += len(jobs)
 
     if has_group:
         import torch.distributed as dist
@@ -383,13 +449,3 @@ def generate_images(
         skipped=len(mine) - sum(todo),
         manifest=manifest if complete else None,
     )
-
-
-def _check_images(images: Tensor, count: int) -> None:
-    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] != count or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"decoder.decode must return images of shape ({count}, 3, H, W), got {shape}")
-    check_finite(images, "decoded images")
-    low, high = float(images.min()), float(images.max())
-    if low < 0.0 or high > 1.0:
-        raise ValueError(f"decoder.decode must return images in [0, 1], got values in [{low:.4g}, {high:.4g}]")
