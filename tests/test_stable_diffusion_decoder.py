@@ -408,8 +408,39 @@ def test_speedups_change_images_only_within_numerics(saved_pipeline: Path, load_
         progress=False,
     )
     assert fast.pipeline.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    for model in (fast.pipeline.unet, fast.pipeline.vae):
+        processors = {type(p).__name__ for p in model.attn_processors.values()}
+        assert processors == {"FusedAttnProcessor2_0"}
     images = fast.decode(LOAD_VECTORS, LOAD_LABELS, LOAD_SEEDS)
     torch.testing.assert_close(images, load_reference, atol=1e-4, rtol=0)
+
+
+def test_compiled_unet_and_vae_give_the_eager_images(saved_pipeline: Path, load_reference: torch.Tensor) -> None:
+    # The eager backend captures the graphs without generating code: it checks the wiring in seconds.
+    compiled = StableDiffusionDecoder.from_pretrained(
+        saved_pipeline,
+        CLASSES,
+        device="cpu",
+        compile=True,
+        compile_vae=True,
+        compile_backend="eager",
+        num_inference_steps=STEPS,
+        height=SIZE,
+        width=SIZE,
+        progress=False,
+    )
+    for module in (compiled.pipeline.unet, compiled.pipeline.vae.decoder):
+        assert module._compiled_call_impl is not None
+    assert compiled.pipeline.vae.encoder._compiled_call_impl is None
+    images = compiled.decode(LOAD_VECTORS, LOAD_LABELS, LOAD_SEEDS)
+    torch.testing.assert_close(images, load_reference, atol=1e-5, rtol=0)
+
+
+def test_speedup_arguments_are_checked(decoder: StableDiffusionDecoder) -> None:
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        decoder.enable_speedups(compile=True, compile_mode="fastest")
+    with pytest.raises(ValueError, match="compile_backend"):
+        decoder.enable_speedups(compile=True, compile_backend="")
 
 
 def test_half_precision_decodes(saved_pipeline: Path, pipeline: Any) -> None:
