@@ -15,9 +15,10 @@ around the timer. Rows:
   or ``reduce-overhead`` (CUDA graphs) instead of the default mode.
 * ``bf16``: the fast configuration in bfloat16. ``batch_<n>``: the fast configuration with batch size ``n``.
 * ``generate_images``: the fast configuration through :func:`dreamood.decoding.generate_images` (planning,
-  seeds, PNG encoding with the record chunk, atomic writes), the library's end-to-end path.
-* ``threaded_writer``: the fast decoder with the PNG files written by a pool of threads while the GPU renders
-  the next batch (a prototype in this script: ``generate_images`` writes its images in the main thread).
+  seeds, quantisation on the GPU, PNG encoding with the record chunk and atomic writes in ``--writer-threads``
+  threads while the GPU renders the next batch), the library's end-to-end path.
+* ``generate_images_inline``: the same with ``writer_threads=0`` (PNG files written between batches, in the
+  calling thread): what the writer threads save.
 * ``png_encode``: PNG encoding alone on one CPU thread, the cost ``generate_images`` adds per image.
 * ``vae_decode_<n>``: the VAE decoder alone (channels-last, fused QKV, eager) on batches of ``n`` latents.
 * ``dpm_solver``: the fast configuration with DPM-Solver++ and ``--dpm-steps`` steps. LESS WORK than the
@@ -56,7 +57,6 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -78,7 +78,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 class Setup:
     """One configuration to measure."""
 
-    kind: str  # plain | decode | generate | threaded_writer | png | vae
+    kind: str  # plain | decode | generate | png | vae
     description: str
     dtype: str = "fp16"
     channels_last: bool = False
@@ -90,6 +90,7 @@ class Setup:
     scheduler: str = "pndm"
     steps: int = 50
     less_work: bool = False
+    writer_threads: int = 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dpm-steps", type=int, default=None, help="steps of the dpm_solver row (default 25)")
     parser.add_argument("--output-size", type=int, default=None, help="size images are saved at (default: --size)")
     parser.add_argument("--check-images", type=int, default=None, help="images compared with plain (default 16)")
-    parser.add_argument("--writer-threads", type=int, default=4, help="threads of the threaded_writer row")
+    parser.add_argument("--writer-threads", type=int, default=4, help="PNG writer threads of generate_images")
     parser.add_argument("--compile-backend", default=None, help="default inductor (eager with --tiny)")
     parser.add_argument("--work-dir", default=None, help="folder for written images (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the images and of the random weights")
@@ -194,9 +195,14 @@ def setups(args: argparse.Namespace) -> dict[str, Setup]:
     rows["bf16"] = replace(fast, description="fast in bfloat16", dtype="bf16")
     for size in args.batch_sizes:
         rows[f"batch_{size}"] = replace(fast, description=f"fast, batch size {size}", batch_size=size)
-    rows["generate_images"] = replace(fast, kind="generate", description="fast through generate_images (PNG writes)")
-    rows["threaded_writer"] = replace(
-        fast, kind="threaded_writer", description=f"fast decode + PNG writes in {args.writer_threads} threads"
+    rows["generate_images"] = replace(
+        fast,
+        kind="generate",
+        writer_threads=args.writer_threads,
+        description=f"fast through generate_images, PNGs written in {args.writer_threads} threads",
+    )
+    rows["generate_images_inline"] = replace(
+        fast, kind="generate", description="fast through generate_images, PNGs written inline (writer_threads=0)"
     )
     rows["png_encode"] = replace(fast, kind="png", description="PNG encoding alone, 1 CPU thread")
     for size in args.vae_batch_sizes:
@@ -315,14 +321,6 @@ def build_pipeline(args: argparse.Namespace, dtype: str) -> Any:
     return pipeline
 
 
-def compile_module(module: Any, args: argparse.Namespace, mode: str) -> None:
-    """``torch.compile`` a module in place with the run's backend (modes apply to inductor only)."""
-    if args.compile_backend == "inductor":
-        module.compile(mode=mode)
-    else:
-        module.compile(backend=args.compile_backend)
-
-
 def build_decoder(args: argparse.Namespace, setup: Setup) -> tuple[Any, torch.Tensor]:
     """The decoder of a setup with its levers switched on, and the class anchors T(y) (float32, on the device)."""
     from diffusers import DPMSolverMultistepScheduler
@@ -347,18 +345,15 @@ def build_decoder(args: argparse.Namespace, setup: Setup) -> tuple[Any, torch.Te
         batch_size=setup.batch_size,
         progress=False,
     )
-    # The library's own compile switch is torch.compile's default mode; other modes and backends are set here.
-    library_compile = setup.compile_unet and setup.compile_mode == "default" and args.compile_backend == "inductor"
     decoder.enable_speedups(
         sdpa=True,
         channels_last=setup.channels_last,
         fuse_qkv_projections=setup.fused_qkv,
-        compile=library_compile,
+        compile=setup.compile_unet,
+        compile_vae=setup.compile_vae,
+        compile_mode=setup.compile_mode,
+        compile_backend=args.compile_backend,
     )
-    if setup.compile_unet and not library_compile:
-        compile_module(pipeline.unet, args, setup.compile_mode)
-    if setup.compile_vae:
-        compile_module(pipeline.vae.decoder, args, setup.compile_mode)
     anchors = TokenEmbeddings.from_text_encoder(
         pipeline.tokenizer, pipeline.text_encoder, CLASS_NAMES, check_vocab=False, device=args.device
     )
@@ -476,7 +471,13 @@ def measure_generate(args: argparse.Namespace, setup: Setup, device: torch.devic
     shutil.rmtree(folder, ignore_errors=True)
     with stopwatch(device) as timed:
         result = generate_images(
-            run.decoder, samples, folder, batch_size=setup.batch_size, seed=args.seed, show_progress=False
+            run.decoder,
+            samples,
+            folder,
+            batch_size=setup.batch_size,
+            seed=args.seed,
+            show_progress=False,
+            writer_threads=setup.writer_threads,
         )
     files = list(folder.glob("*/*.png"))
     megabytes = sum(path.stat().st_size for path in files) / 2**20
@@ -495,30 +496,6 @@ def _encode_png(pixels: torch.Tensor) -> bytes:
     image = Image.fromarray(pixels.permute(1, 2, 0).numpy(), mode="RGB")
     image.save(buffer, format="PNG", compress_level=6, optimize=False)
     return buffer.getvalue()
-
-
-def measure_threaded_writer(args: argparse.Namespace, setup: Setup, device: torch.device, name: str) -> Measurement:
-    run = prepare_decoder(args, setup)
-    folder = Path(args.work_dir) / name
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-
-    def write(index: int, pixels: torch.Tensor) -> None:
-        (folder / f"{index:06d}.png").write_bytes(_encode_png(pixels))
-
-    # Timed as a whole: the last batch's files are written after the GPU has finished.
-    with stopwatch(device) as timed, ThreadPoolExecutor(max_workers=args.writer_threads) as pool:
-        futures = []
-        for start in range(0, len(run.seeds), setup.batch_size):
-            pixels = run.decode(slice(start, start + setup.batch_size))
-            futures += [pool.submit(write, start + offset, image) for offset, image in enumerate(pixels)]
-        for future in futures:
-            future.result()
-    written = sum(1 for _ in folder.glob("*.png"))
-    shutil.rmtree(folder, ignore_errors=True)
-    if written != len(run.seeds):
-        raise RuntimeError(f"the writer threads wrote {written} files, expected {len(run.seeds)}")
-    return Measurement(len(run.seeds), timed, run.warmup_seconds)
 
 
 def measure_png(args: argparse.Namespace, setup: Setup, images: torch.Tensor | None) -> Measurement:
@@ -585,7 +562,6 @@ def run_row(
         "plain": lambda: measure_plain(args, setup, device),
         "decode": lambda: measure_decode(args, setup, device),
         "generate": lambda: measure_generate(args, setup, device, name),
-        "threaded_writer": lambda: measure_threaded_writer(args, setup, device, name),
         "png": lambda: measure_png(args, setup, previous_images),
         "vae": lambda: measure_vae(args, setup, device),
     }
@@ -611,11 +587,7 @@ def run_row(
 def summarise(rows: list[dict[str, Any]], target_images_per_s: float, target_ratio: float) -> dict[str, Any]:
     done = {row["name"]: row for row in rows if "images_per_s" in row}
     plain = done.get("plain", {}).get("images_per_s")
-    full_work = [
-        row
-        for row in done.values()
-        if row["kind"] in ("decode", "generate", "threaded_writer") and not row["less_work"]
-    ]
+    full_work = [row for row in done.values() if row["kind"] in ("decode", "generate") and not row["less_work"]]
     best = max(full_work, key=lambda row: row["images_per_s"], default=None)
     end_to_end = done.get("generate_images", {}).get("images_per_s")
     summary: dict[str, Any] = {
@@ -633,6 +605,9 @@ def summarise(rows: list[dict[str, Any]], target_images_per_s: float, target_rat
     fast = done.get("compile_vae", {}).get("images_per_s")
     if end_to_end is not None and fast:
         summary["writing_overhead_fraction"] = 1.0 - end_to_end / fast
+    inline = done.get("generate_images_inline", {}).get("images_per_s")
+    if end_to_end is not None and inline:
+        summary["writer_threads_speedup"] = end_to_end / inline
     return summary
 
 

@@ -30,7 +30,7 @@ GENERATION_ROWS = [
     "compile_vae",
     "bf16",
     "generate_images",
-    "threaded_writer",
+    "generate_images_inline",
     "png_encode",
     "vae_decode_2",
     "dpm_solver",
@@ -99,11 +99,15 @@ def test_generation_benchmark_runs_and_the_fast_path_reproduces_the_plain_images
     assert bf16["mean_abs"] > 0 and bf16["psnr_db"] > 20
     assert "agreement_with_plain" not in by_name["dpm_solver"] and by_name["dpm_solver"]["less_work"]
     assert by_name["generate_images"]["megabytes_written"] > 0
+    threaded, inline = by_name["generate_images"], by_name["generate_images_inline"]
+    assert threaded["writer_threads"] == 4 and inline["writer_threads"] == 0
+    assert inline["megabytes_written"] == threaded["megabytes_written"]
     assert not (tmp_path / "work" / "generate_images").exists()  # written images are removed after timing
     summary = results["summary"]
     assert summary["plain_images_per_s"] == plain
     assert math.isclose(summary["generate_images_ratio_to_plain"], by_name["generate_images"]["images_per_s"] / plain)
     expected = summary["generate_images_per_s"] >= 7.0 and summary["generate_images_ratio_to_plain"] >= 2.0
+    assert math.isclose(summary["writer_threads_speedup"], summary["generate_images_per_s"] / inline["images_per_s"])
     assert summary["generate_images_meets_targets"] == expected
     assert results["environment"]["weights"] == "tiny random test models"
 
