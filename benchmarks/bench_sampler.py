@@ -9,9 +9,13 @@ problem and multiplies the per-class time by ``--total-classes``. The plain per-
 reimplementation of the reference procedure (``benchmarks/reference_sampler.py``: every candidate
 materialised and scored by brute force) is timed on ``--reference-rounds`` rounds of one class and
 extrapolated the same way; its samples are compared with the sampler's on those rounds (same random draws).
-Wall-clock and CPU times are both recorded: on a shared machine the CPU time is the steadier figure. Run::
+Wall-clock and CPU times are both recorded: on a shared machine the CPU time is the steadier figure. Both
+run on ``--device``; their random numbers come from generators on ``--generator-device`` (by default the same
+device: a CPU generator on a GPU run would spend most of the time drawing the noise on the CPU). Run::
 
     python benchmarks/bench_sampler.py --out benchmarks/results/sampler_cpu.json
+    python benchmarks/bench_sampler.py --device cuda --classes 100 --target-s 10 \
+        --out benchmarks/results/sampler_cuda.json
 """
 
 from __future__ import annotations
@@ -56,12 +60,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--spread", type=float, default=1.0, help="within-class noise of the synthetic bank")
     parser.add_argument("--reference-rounds", type=int, default=2, help="rounds of one class timed for the reference")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--generator-device", default=None, help="device of the random generators (default: --device)")
     parser.add_argument("--memory-budget-mb", type=float, default=512.0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--target-s", type=float, default=60.0, help="time to beat for the full problem")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the results to this JSON file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.generator_device is None:
+        args.generator_device = args.device
+    return args
+
+
+def generator_for(args: argparse.Namespace, seed: int) -> torch.Generator:
+    """A generator on ``--generator-device`` seeded with ``seed``."""
+    return torch.Generator(device=args.generator_device).manual_seed(seed)
 
 
 def make_problem(args: argparse.Namespace, num_classes: int) -> tuple[FeatureBank, TokenEmbeddings, str]:
@@ -101,12 +114,16 @@ def breakdown(args: argparse.Namespace, bank: FeatureBank) -> dict[str, float]:
     sampler = sampler_for(args)
     rounds = math.ceil(args.num_per_class / (args.anchors_per_round * args.keep))
     members = bank.per_class(0).to(args.device)
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = generator_for(args, args.seed)
     start = time.perf_counter()
     sampler.anchor_set(bank, 0)
+    _synchronize(args.device)
     anchor_set = time.perf_counter() - start
     start = time.perf_counter()
-    noise = [torch.randn(args.candidates, args.dim, generator=generator) for _ in range(rounds)]
+    noise = [
+        torch.randn(args.candidates, args.dim, generator=generator, device=args.generator_device) for _ in range(rounds)
+    ]
+    _synchronize(args.generator_device)
     draws = time.perf_counter() - start
     start = time.perf_counter()
     for eps in noise:
@@ -132,11 +149,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rounds = math.ceil(args.num_per_class / per_round)
 
     # Warm-up (libraries, threads) on a small problem.
-    sampler_for(args).sample(bank, tokens, per_round, generator=torch.Generator().manual_seed(1))
+    sampler_for(args).sample(bank, tokens, per_round, generator=generator_for(args, 1))
 
     _synchronize(args.device)
     start, cpu_start = time.perf_counter(), time.process_time()
-    samples = sampler_for(args).sample(bank, tokens, args.num_per_class, generator=torch.Generator().manual_seed(2))
+    samples = sampler_for(args).sample(bank, tokens, args.num_per_class, generator=generator_for(args, 2))
     _synchronize(args.device)
     ours_wall, ours_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     assert len(samples) == args.classes * args.num_per_class
@@ -149,9 +166,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     single_tokens = TokenEmbeddings(["class0"], tokens.vectors[:1])
     count = args.reference_rounds * per_round
     reference = reference_sample(
-        single.embeddings,
-        single.labels,
-        single_tokens.norms,
+        single.embeddings.to(args.device),
+        single.labels.to(args.device),
+        single_tokens.norms.to(args.device),
         count,
         k=args.k,
         boundary_size=args.boundary_size,
@@ -159,16 +176,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         candidates_per_anchor=args.candidates,
         sigma=args.sigma,
         keep_per_anchor=args.keep,
-        generator=torch.Generator().manual_seed(3),
+        generator=generator_for(args, 3),
     )
     reference_round_s = sum(reference["round_seconds"]) / len(reference["round_seconds"])
     reference_per_class = reference["boundary_seconds"][0] + rounds * reference_round_s
     reference_round_cpu = sum(reference["round_cpu_seconds"]) / len(reference["round_cpu_seconds"])
     reference_per_class_cpu = reference["boundary_cpu_seconds"][0] + rounds * reference_round_cpu
-    same_rounds = torch.Generator().manual_seed(3)
+    same_rounds = generator_for(args, 3)
     ours_same_rounds = sampler_for(args).sample(single, single_tokens, count, generator=same_rounds)
-    same_anchors = bool(torch.equal(ours_same_rounds.anchor_index, reference["anchor_index"]))
-    max_vector_difference = float((ours_same_rounds.vectors - reference["vectors"]).abs().max())
+    same_anchors = bool(torch.equal(ours_same_rounds.anchor_index.cpu(), reference["anchor_index"].cpu()))
+    max_vector_difference = float((ours_same_rounds.vectors.cpu() - reference["vectors"].cpu()).abs().max())
     load_after = os.getloadavg()
 
     full_ours = ours_per_class * args.total_classes

@@ -55,7 +55,8 @@ def reference_sample(
         sigma: Noise standard deviation.
         keep_per_anchor: Candidates kept per anchor.
         mode: ``"outlier"`` (largest distances) or ``"inlier"`` (smallest).
-        generator: CPU generator; draws per round a permutation of the anchor set, then the noise.
+        generator: Draws per round a permutation of the anchor set, then the noise, on its own device; the
+            computation runs on ``embeddings``' device.
         classes: Classes to sample (default: all, in order).
         max_rounds: Stop every class after this many rounds (for timing part of a run).
         chunk_candidates: Candidates scored per brute-force step.
@@ -68,6 +69,7 @@ def reference_sample(
     import time
 
     outlier = mode == "outlier"
+    device = embeddings.device
     per_round = anchors_per_round * keep_per_anchor
     classes = list(range(int(labels.max()) + 1)) if classes is None else classes
     vectors, out_labels, anchor_index, distances = [], [], [], []
@@ -84,6 +86,7 @@ def reference_sample(
         pairwise.fill_diagonal_(math.inf)
         bank_distance = pairwise.kthvalue(k, dim=1).values
         anchor_set = bank_distance.topk(boundary_size, largest=outlier).indices
+        _synchronize(device)
         boundary_seconds.append(time.perf_counter() - start)
         boundary_cpu_seconds.append(time.process_time() - cpu_start)
 
@@ -93,8 +96,10 @@ def reference_sample(
         class_vectors, class_anchors, class_distances = [], [], []
         for _ in range(rounds):
             start, cpu_start = time.perf_counter(), time.process_time()
-            chosen = anchor_set[torch.randperm(boundary_size, generator=generator)[:anchors_per_round]]
-            noise = torch.randn(candidates_per_anchor, members.shape[1], generator=generator)
+            order = torch.randperm(boundary_size, generator=generator, device=generator.device)
+            chosen = anchor_set[order[:anchors_per_round].to(device)]
+            noise = torch.randn(candidates_per_anchor, members.shape[1], generator=generator, device=generator.device)
+            noise = noise.to(device)
             # Anchor-major: candidates[i, j] = normalize(z_i + sigma * eps_j).
             candidates = torch.nn.functional.normalize(members[chosen][:, None, :] + sigma * noise[None], dim=2)
             flat = candidates.reshape(-1, members.shape[1])
@@ -108,13 +113,14 @@ def reference_sample(
             class_vectors.append(candidates.gather(1, kept[:, :, None].expand(-1, -1, members.shape[1])).flatten(0, 1))
             class_anchors.append(rows[chosen][:, None].expand(-1, keep_per_anchor).flatten())
             class_distances.append(best.flatten())
+            _synchronize(device)
             round_seconds.append(time.perf_counter() - start)
             round_cpu_seconds.append(time.process_time() - cpu_start)
         count = min(num_per_class, rounds * per_round)
         vectors.append(torch.cat(class_vectors)[:count] * token_norms[c])
         anchor_index.append(torch.cat(class_anchors)[:count])
         distances.append(torch.cat(class_distances)[:count])
-        out_labels.append(torch.full((count,), c, dtype=torch.long))
+        out_labels.append(torch.full((count,), c, dtype=torch.long, device=device))
     return {
         "vectors": torch.cat(vectors),
         "labels": torch.cat(out_labels),
@@ -125,3 +131,8 @@ def reference_sample(
         "round_seconds": round_seconds,
         "round_cpu_seconds": round_cpu_seconds,
     }
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -183,6 +183,21 @@ def test_generation_rows_and_arguments_are_checked() -> None:
             bench.parse_args(["--tiny", *bad])
 
 
+def test_sampler_benchmark_runs_and_matches_the_reference_on_a_small_problem(tmp_path: Path) -> None:
+    out = tmp_path / "sampler.json"
+    bench = _load("bench_sampler")
+    small = ["--classes", "2", "--total-classes", "4", "--bank-per-class", "60", "--dim", "16"]
+    small += ["--num-per-class", "40", "-k", "5", "--boundary-size", "10", "--anchors-per-round", "5"]
+    small += ["--candidates", "30", "--reference-rounds", "2", "--threads", "1", "--out", str(out)]
+    results = bench.main(small)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    measured = results["results"]
+    assert measured["check_same_anchors_as_reference"]
+    assert measured["check_max_abs_vector_difference_to_reference"] < 1e-5
+    assert math.isclose(measured["ours_full_problem_wall_s_extrapolated"], measured["ours_per_class_wall_s"] * 4)
+    assert results["config"]["generator_device"] == "cpu"
+
+
 def test_sd14_architecture_has_the_published_sizes(tmp_path: Path) -> None:
     architecture = _load("sd14_architecture")
     pipeline = architecture.sd14_pipeline(tmp_path, device="meta", dtype=torch.float16)

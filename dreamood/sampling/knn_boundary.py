@@ -366,8 +366,10 @@ class KNNBoundarySampler:
             bank: L2-normalised feature bank with the same classes and dimension as ``anchors``.
             anchors: The class tokens ``T(y)``; each class's samples are scaled to its token's norm.
             num_per_class: Samples per class (10,000 in the paper).
-            generator: Source of randomness (a CPU generator is device-independent); ``None`` uses a generator
-                seeded with ``seed``.
+            generator: Source of randomness; the noise is drawn on its device. A CPU generator gives the same
+                draws on every device; on a GPU, a generator on the sampler's device
+                (``torch.Generator("cuda").manual_seed(0)``) avoids drawing millions of noise vectors on the CPU
+                and is much faster. ``None`` uses a CPU generator seeded with ``seed``.
 
         Returns:
             Samples in class order, within a class by round, anchor and rank (best first), with labels,
