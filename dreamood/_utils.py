@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+import warnings
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import torch
 
@@ -48,6 +52,65 @@ def progress(
     from tqdm.auto import tqdm
 
     yield from tqdm(iterable, desc=desc, total=total, leave=leave, dynamic_ncols=True)
+
+
+# The modules whose disable_progress_bar() / enable_progress_bar() switch a library's own tqdm bars.
+_PROGRESS_SWITCHES = {"transformers": "transformers.utils.logging", "diffusers": "diffusers.utils.logging"}
+
+
+@contextmanager
+def library_progress_bars(libraries: Iterable[str], *, enabled: bool) -> Iterator[None]:
+    """Hide the progress bars that ``libraries`` draw themselves (such as "Loading weights") inside the block.
+
+    With ``enabled`` true nothing is imported or changed. Otherwise each library is imported (the block is
+    about to use it anyway), its bars are switched off, and every switch is set back on exit to what it was,
+    huggingface_hub's too (transformers' switch also flips huggingface_hub's).
+
+    Args:
+        libraries: Names from ``"transformers"`` and ``"diffusers"``.
+        enabled: Leave the bars as they are.
+
+    Raises:
+        ValueError: A name is not one of the libraries above.
+    """
+    names = list(libraries)
+    unknown = [name for name in names if name not in _PROGRESS_SWITCHES]
+    if unknown:
+        raise ValueError(f"libraries must be among {', '.join(_PROGRESS_SWITCHES)}, got {unknown}")
+    if enabled:
+        yield
+        return
+    switches = [importlib.import_module(_PROGRESS_SWITCHES[name]) for name in names]
+    hub_states = _hub_progress_states()
+    saved_hub_states = None if hub_states is None else dict(hub_states)
+    were_on = [bool(switch.is_progress_bar_enabled()) for switch in switches]
+    _flip(switches, were_on, on=False)
+    try:
+        yield
+    finally:
+        _flip(switches, were_on, on=True)
+        if hub_states is not None and saved_hub_states is not None:
+            hub_states.clear()
+            hub_states.update(saved_hub_states)
+
+
+def _flip(switches: list[Any], selected: list[bool], *, on: bool) -> None:
+    """Switch the selected libraries' progress bars on or off."""
+    with warnings.catch_warnings():
+        # huggingface_hub warns when HF_HUB_DISABLE_PROGRESS_BARS overrides transformers' switch; that is fine here.
+        warnings.simplefilter("ignore")
+        for switch, chosen in zip(switches, selected):
+            if chosen and on:
+                switch.enable_progress_bar()
+            elif chosen:
+                switch.disable_progress_bar()
+
+
+def _hub_progress_states() -> dict[str, Any] | None:
+    """huggingface_hub's table of progress-bar switches (global and per group), when it is loaded and has one."""
+    module = sys.modules.get("huggingface_hub.utils.tqdm")
+    states = getattr(module, "progress_bar_states", None)
+    return states if isinstance(states, dict) else None
 
 
 def make_generator(seed: int | None, device: DeviceLike = "cpu") -> torch.Generator | None:

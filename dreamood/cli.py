@@ -3,8 +3,9 @@
 Every stage subcommand reads the same configuration (``--config``, a TOML/YAML/JSON file or the name of a
 packaged paper configuration, plus ``--set key=value`` overrides) and works in the run's output folder: it
 loads the artefacts of the stages before it and writes its own. ``dreamood run`` chains all stages and skips
-those whose artefact exists. Errors are reported in one line (``--debug`` shows the traceback) with a
-non-zero exit code. ``torchrun -m dreamood train ...`` trains on several processes.
+those whose artefact exists; with ``--baselines`` it also runs the paper's baselines (skipping finished ones)
+and prints a table comparing them with the run. Errors are reported in one line (``--debug`` shows the
+traceback) with a non-zero exit code. ``torchrun -m dreamood train ...`` trains on several processes.
 """
 
 from __future__ import annotations
@@ -114,7 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
         "report, or all (repeatable)",
     )
     run.add_argument(
-        "--dry-run", action="store_true", help="print the resolved configuration and each stage's state, run nothing"
+        "--baselines",
+        default="",
+        metavar="NAMES",
+        help="also run the paper's baselines on the same data and print a comparison table (also written to "
+        "baselines.md): 'all' or a comma-separated subset of godin,gan (dream-ood) or of cross-entropy,"
+        "randaugment,autoaugment,augmix,cutmix,generic-prompts,memo (dream-id); each works in "
+        "baselines/<name>/ and is skipped when its result exists",
+    )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved configuration and the state of each stage and baseline, run nothing",
     )
     run.set_defaults(handler=_run_all, stages=())
     commands.add_parser(
@@ -204,11 +216,25 @@ def _execute(pipe: Any, stage: str) -> Any:
         return pipe.generate(pipe.load("samples"))
     if stage == "classifier":
         return pipe.train(pipe.load("images"))
-    report = pipe.evaluate(pipe.load("classifier"))
+    model = pipe.load("classifier")
+    report = pipe.evaluate(model)
     if pipe.config.method == "dream-id":
-        accuracy = pipe.generalization(pipe.load("classifier"))
-        print(json.dumps({name: round(100 * value, 2) for name, value in accuracy.items()}))
+        print(_accuracy_line(pipe.generalization(model)))
     return report
+
+
+def _accuracy_line(accuracy: dict[str, float]) -> str:
+    """DREAM-ID's top-1 accuracies in % as one JSON line."""
+    return json.dumps({name: round(100 * value, 2) for name, value in accuracy.items()})
+
+
+def _compare_baselines(pipe: Any, names: Sequence[str], report: Any, accuracy: dict[str, float] | None) -> str:
+    """Run (or load) the baselines; the markdown table comparing them with the run (its accuracy for DREAM-ID)."""
+    from dreamood.pipeline import accuracy_table, ood_table
+
+    if accuracy is not None:
+        return accuracy_table({"DREAM-ID": accuracy, **{name: pipe.generalization_baseline(name) for name in names}})
+    return ood_table({"DREAM-OOD": report, **{name: pipe.ood_baseline(name) for name in names}})
 
 
 # ---- handlers ------------------------------------------------------------------------------------------------
@@ -229,20 +255,39 @@ def _run_stages(args: argparse.Namespace) -> int:
 
 
 def _run_all(args: argparse.Namespace) -> int:
-    from dreamood.pipeline import STAGES, Pipeline
+    from dreamood.io import atomic_write, remove_temporaries
+    from dreamood.pipeline import SMOKE_BASELINES, STAGES, Pipeline, parse_baselines
 
     _check_distributed(STAGES, "run")
     config, data = _load(args)
+    try:
+        baselines = parse_baselines(args.baselines, config.method)
+    except ValueError as error:
+        raise ValueError(f"--baselines: {error}") from error
     force = list(STAGES) if "all" in args.force else list(args.force)
-    pipe = Pipeline(config, data, force=force)
+    pipe = Pipeline(config, data, force=force, baselines=SMOKE_BASELINES if args.smoke else None)
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         for stage in STAGES:
             state = "forced" if stage in pipe.force else "done" if pipe.is_done(stage) else "to do"
             print(f"{stage:<11} {state:<6} {pipe.path(stage)}")
+        for name in baselines:
+            path = pipe.baseline_path(name)
+            print(f"{'baseline ' + name:<24} {'done' if path.is_file() else 'to do':<6} {path}")
         return 0
     report = pipe.run()
     print(report)
+    accuracy = None
+    if config.method == "dream-id":
+        accuracy = json.loads((pipe.output_dir / "generalization.json").read_text())  # written by Pipeline.run
+        print(_accuracy_line(accuracy))
+    if baselines:
+        table = _compare_baselines(pipe, baselines, report, accuracy)
+        path = pipe.output_dir / "baselines.md"
+        remove_temporaries(path)
+        with atomic_write(path, "w") as handle:
+            handle.write(table + "\n")
+        print(table)
     return 0
 
 

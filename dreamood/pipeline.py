@@ -16,14 +16,18 @@ report        ``report.json``, ``report.md``    FPR95, AUROC, AUPR, ID accuracy 
 
 A stage whose artefact exists is skipped and its artefact loaded, so an interrupted run resumes where it
 stopped (Phase 1, generation and Phase 3 also resume inside the stage, from their per-epoch checkpoints or
-the images already written). Every artefact is written atomically. A stage is redone when it is named in
-``force``; the artefacts after it are not touched, so force those too when an earlier stage changed.
+the images already written). Every artefact is written atomically, and each stage (each baseline too) first
+deletes the temporary files that a process killed while writing its artefacts left behind. A stage is redone
+when it is named in ``force``; the artefacts after it are not touched, so force those too when an earlier
+stage changed. With ``progress = false`` no progress bar is drawn, transformers' and diffusers' model-loading
+bars included.
 
 The paper's baselines run on the same data, each in ``output_dir/baselines/<name>/`` and skipped when its
 result exists: GODIN and GAN-based outlier synthesis for OOD detection (:meth:`Pipeline.ood_baseline`, paper
 Tables 1 and 3), and for DREAM-ID's generalisation (:meth:`Pipeline.generalization_baseline`, Table 4) a
 cross-entropy model, RandAugment, AutoAugment, AugMix and CutMix copies and generic-prompt images appended in
-DREAM-ID's number, and MEMO on the cross-entropy model. Their settings are in :class:`BaselineConfig`.
+DREAM-ID's number, and MEMO on the cross-entropy model. Their settings are in :class:`BaselineConfig`;
+``dreamood run --baselines`` runs them after the stages and prints one comparison table.
 
 :func:`smoke_setup` builds a tiny configuration with random data and randomly initialised tiny models, so
 the whole wiring runs on a CPU in seconds.
@@ -46,10 +50,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from dreamood._utils import resolve_device
+from dreamood._utils import library_progress_bars, resolve_device
 from dreamood._validation import check_choice, check_positive, check_positive_int
 from dreamood.config import PipelineConfig
-from dreamood.io import atomic_write, load_checkpoint, save_checkpoint
+from dreamood.io import atomic_write, load_checkpoint, remove_temporaries, save_checkpoint, sidecar_path
 
 if TYPE_CHECKING:
     from dreamood.anchors import TokenEmbeddings
@@ -109,6 +113,9 @@ ARTIFACTS: dict[str, str] = {
     "classifier": "classifier.pt",
     "report": "report.json",
 }
+
+# The file generate_images writes once every image of the folder exists.
+_MANIFEST = "manifest.jsonl"
 
 #: Baselines of a DREAM-OOD run (OOD detection, paper Tables 1 and 3).
 OOD_BASELINES: tuple[str, ...] = ("godin", "gan")
@@ -294,12 +301,12 @@ def build_data(config: PipelineConfig) -> PipelineData:
         ValueError: A dataset is malformed, or the class names do not match the data.
     """
     from dreamood.data.datasets import (
-        ImageListDataset,
         ImageNet100,
         ImageNetA,
         ImageNetV2,
         cifar100,
         class_folder_dataset,
+        with_transform,
     )
     from dreamood.data.ood import ood_test_sets
     from dreamood.data.transforms import get_transform
@@ -313,13 +320,9 @@ def build_data(config: PipelineConfig) -> PipelineData:
     generalization: dict[str, Dataset[Any]] = {}
     if benchmark == "cifar100":
         train = cifar100(root, True, train_t, download=data.download)
-        bank = cifar100(root, True, test_t)
-        raw = cifar100(root, True, raw_t)
         test = cifar100(root, False, test_t)
     elif benchmark == "imagenet100":
         train = ImageNet100(root, "train", train_t)
-        bank = ImageListDataset(train.samples, test_t, classes=train.classes)
-        raw = ImageListDataset(train.samples, raw_t, classes=train.classes)
         test = ImageNet100(root, "val", test_t)
         if data.imagenet_a is not None:
             generalization["ImageNet-A"] = ImageNetA(data.imagenet_a, test_t)
@@ -327,9 +330,9 @@ def build_data(config: PipelineConfig) -> PipelineData:
             generalization["ImageNet-V2"] = ImageNetV2(data.imagenet_v2, test_t)
     else:
         train = class_folder_dataset(root / "train", train_t)
-        bank = ImageListDataset(train.samples, test_t, classes=train.classes)
-        raw = ImageListDataset(train.samples, raw_t, classes=train.classes)
         test = class_folder_dataset(root / "test", test_t, classes=train.classes)
+    # The plain and the raw views share the training images (CIFAR-100's 150 MB array is loaded once).
+    bank, raw = with_transform(train, test_t), with_transform(train, raw_t)
     if len(names) != len(getattr(train, "classes", names)):
         raise ValueError(f"data.class_names has {len(names)} names but the training set has {len(train.classes)}")
     ood = ood_test_sets(benchmark, data.ood_root, test_t, names=data.ood_sets, paths=data.ood_paths)
@@ -405,6 +408,13 @@ def _saved_weights(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} holds no 'model' state dict; it was not written by the pipeline")
     weights: dict[str, Any] = state["model"]
     return weights
+
+
+def _remove_temporaries(paths: Sequence[Path]) -> None:
+    """Delete the temporary files that a process killed while writing ``paths`` left behind."""
+    removed = sum(remove_temporaries(path) for path in paths)
+    if removed:
+        logger.info("removed %d temporary file(s) left by an interrupted write of %s", removed, paths[0].name)
 
 
 def _barrier() -> None:
@@ -508,10 +518,23 @@ class Pipeline:
             ``True`` when the stage would be skipped (unless forced).
         """
         if stage == "images":  # generate_images writes the manifest once every image exists
-            return (self.path("images") / "manifest.jsonl").is_file()
+            return (self.path("images") / _MANIFEST).is_file()
         return self.path(stage).exists()
 
+    def _files_of(self, stage: str) -> list[Path]:
+        """The files a stage writes atomically (generate_images looks after the images themselves)."""
+        path = self.path(stage)
+        if stage == "images":
+            return [path / _MANIFEST]
+        if path.suffix == ".safetensors":
+            return [path, sidecar_path(path)]
+        if stage == "report":
+            return [path, self.output_dir / "report.md", self.output_dir / "generalization.json"]
+        return [path]
+
     def _skip(self, stage: str) -> bool:
+        if _is_main_process():  # only rank 0 writes the stages' files
+            _remove_temporaries(self._files_of(stage))
         if stage in self.force or not self.is_done(stage):
             return False
         logger.info("[%s] skipped: %s exists", stage, self.path(stage))
@@ -529,6 +552,7 @@ class Pipeline:
 
     def _record_time(self, stage: str, seconds: float) -> None:
         path = self.output_dir / "timings.json"
+        _remove_temporaries([path])
         timings = json.loads(path.read_text()) if path.is_file() else {}
         timings[stage] = round(seconds, 3)
         with atomic_write(path, "w") as handle:
@@ -553,6 +577,7 @@ class Pipeline:
                     ", ".join(changed),
                 )
         if _is_main_process():
+            _remove_temporaries([path])
             with atomic_write(path, "w") as handle:
                 handle.write(json.dumps(current, indent=2))
         return path
@@ -646,7 +671,7 @@ class Pipeline:
         from dreamood.anchors import TokenEmbeddings
 
         cfg = self.config.anchors
-        with self._stage("anchors"):
+        with self._stage("anchors"), library_progress_bars(["transformers"], enabled=self.config.progress):
             anchors = TokenEmbeddings.from_pretrained(
                 cfg.model, self.class_names, cfg.subword, local_files_only=cfg.local_files_only
             )
@@ -843,6 +868,8 @@ class Pipeline:
     def _pretrain(self, id_loader: DataLoader[Any], options: dict[str, Any]) -> Path:
         """Train a cross-entropy classifier to start Phase 3 from (the paper's ImageNet-100 recipe)."""
         path = self.output_dir / "pretrained.pt"
+        if _is_main_process():
+            _remove_temporaries([path])
         if path.is_file():
             logger.info("[classifier] cross-entropy pre-training skipped: %s exists", path)
             return path
@@ -890,9 +917,9 @@ class Pipeline:
                 name: self._loader(dataset, cfg.batch_size, shuffle=False) for name, dataset in self.data.ood.items()
             }
             report = evaluator.evaluate(self._loader(self.data.test, cfg.batch_size, shuffle=False), ood)
-            report.to_json(self.path("report"))
             with atomic_write(self.output_dir / "report.md", "w") as handle:
                 handle.write(report.to_markdown() + "\n")
+            report.to_json(self.path("report"))  # last: its existence marks the stage done
         return report
 
     def generalization(self, model: nn.Module) -> dict[str, float]:
@@ -944,6 +971,22 @@ class Pipeline:
             raise ValueError(f"baseline must be one of {', '.join(known)}, got {name!r}")
         return self.output_dir / "baselines" / name
 
+    def baseline_path(self, name: str) -> Path:
+        """The result file of a baseline, whose existence marks it done (and makes it be skipped).
+
+        Args:
+            name: A name from :data:`OOD_BASELINES` or :data:`GENERALIZATION_BASELINES`.
+
+        Returns:
+            ``baselines/<name>/report.json`` for an OOD baseline, ``baselines/<name>/generalization.json`` for a
+            generalisation baseline.
+
+        Raises:
+            ValueError: ``name`` is not a baseline.
+        """
+        folder = self.baseline_dir(name)
+        return folder / ("report.json" if name in OOD_BASELINES else "generalization.json")
+
     def ood_baseline(self, name: str) -> OODReport:
         """Train (or load) an OOD-detection baseline and evaluate it on the run's OOD test sets.
 
@@ -969,8 +1012,8 @@ class Pipeline:
         """
         if name not in OOD_BASELINES:
             raise ValueError(f"name must be one of the OOD baselines {', '.join(OOD_BASELINES)}, got {name!r}")
-        folder = self.baseline_dir(name)
-        path = folder / "report.json"
+        folder, path = self.baseline_dir(name), self.baseline_path(name)
+        self._remove_baseline_temporaries(name)
         if path.is_file():
             from dreamood.evaluation import OODReport
 
@@ -1007,9 +1050,9 @@ class Pipeline:
         else:
             report = OODEvaluator(MSP(), model=model, **settings).evaluate(test_loader, ood)
         if _is_main_process():
-            report.to_json(path)
             with atomic_write(folder / "report.md", "w") as handle:
                 handle.write(report.to_markdown() + "\n")
+            report.to_json(path)  # last: its existence marks the baseline done
         return report
 
     def generalization_baseline(self, name: str) -> dict[str, float]:
@@ -1042,7 +1085,8 @@ class Pipeline:
             raise ValueError(
                 f"name must be one of the generalisation baselines {', '.join(GENERALIZATION_BASELINES)}, got {name!r}"
             )
-        path = self.baseline_dir(name) / "generalization.json"
+        path = self.baseline_path(name)
+        self._remove_baseline_temporaries(name)
         if path.is_file():
             logger.info("[baseline %s] skipped: %s exists", name, path)
             accuracy: dict[str, float] = json.loads(path.read_text())
@@ -1052,6 +1096,13 @@ class Pipeline:
         else:
             model = self._baseline_classifier(name)
         return self._accuracy_table(model, path, f"baseline {name}")
+
+    def _remove_baseline_temporaries(self, name: str) -> None:
+        """Delete what killed writes of a baseline's files left (its training and images clean up themselves)."""
+        if _is_main_process():
+            folder = self.baseline_dir(name)
+            files = ("report.json", "report.md", "godin.json", "generalization.json", "classifier.pt", "dcgan.pt")
+            _remove_temporaries([folder / file for file in files])
 
     def _scratch_recipe(self) -> dict[str, Any]:
         """The options of a model trained from scratch: the pre-training recipe when the run fine-tunes."""
@@ -1071,6 +1122,7 @@ class Pipeline:
         """Train a baseline's classifier, or load it from ``baselines/<name>/classifier.pt``."""
         folder = self.baseline_dir(name)
         path = folder / "classifier.pt"
+        self._remove_baseline_temporaries(name)
         model: nn.Module = self._new_godin() if name == "godin" else self._new_classifier()
         if path.is_file():
             logger.info("[baseline %s] classifier loaded from %s", name, path)
@@ -1207,9 +1259,10 @@ class Pipeline:
 
     def _decoder(self, device: torch.device) -> Any:
         """The image decoder: the factory's, else Stable Diffusion from ``generation.model``."""
-        if self._decoder_factory is not None:
-            return self._decoder_factory(self.config, self.class_names)
-        return _make_decoder(self.config, self.class_names, device)
+        with library_progress_bars(["transformers", "diffusers"], enabled=self.config.progress):
+            if self._decoder_factory is not None:
+                return self._decoder_factory(self.config, self.class_names)
+            return _make_decoder(self.config, self.class_names, device)
 
     def run(self) -> OODReport:
         """Run every stage in order (skipping those already done) and return the evaluation report.
@@ -1368,7 +1421,10 @@ def smoke_setup(
     root = Path(output_dir).expanduser()
     model = root / "tiny-stable-diffusion" if model_dir is None else Path(model_dir).expanduser()
     if not (model / "model_index.json").is_file():
-        with tempfile.TemporaryDirectory() as scratch:
+        with (
+            tempfile.TemporaryDirectory() as scratch,
+            library_progress_bars(["transformers", "diffusers"], enabled=config.progress),
+        ):
             tiny_stable_diffusion_pipeline(scratch).save_pretrained(str(model))
         # Newer transformers save only tokenizer.json; SD v1.x folders also hold vocab.json and merges.txt.
         write_tiny_clip_tokenizer(model / "tokenizer")

@@ -243,3 +243,88 @@ def test_demo_help_comes_from_the_demo(capsys: pytest.CaptureFixture[str]) -> No
     assert main(["demo", "--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: dreamood demo")
     assert main(["demo", "--no-such-option"]) == 2
+
+
+# ---- baselines ------------------------------------------------------------------------------------------------
+
+
+def test_run_help_names_every_baseline(capsys: pytest.CaptureFixture[str]) -> None:
+    from dreamood.pipeline import GENERALIZATION_BASELINES, OOD_BASELINES
+
+    assert main(["run", "--help"]) == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, hyphenated names too
+    assert "--baselinesNAMES" in text
+    for name in (*OOD_BASELINES, *GENERALIZATION_BASELINES):
+        assert name in text, name
+
+
+def test_unknown_baselines_are_refused_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--output-dir", str(tmp_path), "--baselines", "godin,memo"]) == 1
+    assert _error_lines(capsys) == [
+        "dreamood run: error: --baselines: unknown baseline(s) memo for dream-ood: choose from godin, gan, or all"
+    ]
+    assert main(["run", "--config", "imagenet100-dream-id", "--output-dir", str(tmp_path), "--baselines", "gan"]) == 1
+    (line,) = _error_lines(capsys)
+    assert "unknown baseline(s) gan for dream-id" in line and "cutmix" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_with_baselines_writes_their_reports_and_a_table_then_skips_them(
+    staged_run: dict[str, object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dreamood.evaluation import OODReport
+    from dreamood.pipeline import ood_table
+
+    out = staged_run["out"]
+    assert isinstance(out, Path)
+    assert main(_smoke("run", out, "--baselines", "godin", "--dry-run")) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split() == ["baseline", "godin", "to", "do", str(
+        out / "baselines" / "godin" / "report.json")]  # fmt: skip
+    assert main(_smoke("run", out, "--baselines", "godin")) == 0
+    first = capsys.readouterr()
+    assert "[baseline godin] training" in first.err
+    reports = {"DREAM-OOD": OODReport.from_json(out / "report.json")}
+    reports["godin"] = OODReport.from_json(out / "baselines" / "godin" / "report.json")
+    table = ood_table(reports)
+    assert first.out.endswith(table + "\n")
+    _, evaluate_stdout, _ = staged_run["evaluate"]  # type: ignore[misc]
+    assert first.out == evaluate_stdout + table + "\n"
+    assert (out / "baselines.md").read_text() == table + "\n"
+    assert (out / "baselines" / "godin" / "report.md").is_file()
+    assert not (out / "baselines" / "gan").exists()
+
+    # Resumed: the finished baseline is skipped like the finished stages, its files untouched.
+    files = {p: p.stat().st_mtime_ns for p in (out / "baselines").rglob("*") if p.is_file()}
+    assert main(_smoke("run", out, "--baselines", "godin")) == 0
+    again = capsys.readouterr()
+    assert "[baseline godin] skipped" in again.err and "training" not in again.err
+    assert again.out == first.out
+    assert files == {p: p.stat().st_mtime_ns for p in (out / "baselines").rglob("*") if p.is_file()}
+    assert main(_smoke("run", out, "--baselines", "godin", "--dry-run")) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split()[:3] == ["baseline", "godin", "done"]
+
+
+def test_dream_id_run_prints_its_accuracy_and_the_generalization_baselines(
+    tmp_path: Path, tiny_sd: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dreamood.pipeline import accuracy_table
+
+    out = _run_dir(tmp_path / "run", tiny_sd)
+    command = _smoke("run", out, "--config", "imagenet100-dream-id", "--baselines", "cross-entropy", "-q")
+    assert main(command) == 0
+    printed = capsys.readouterr().out
+    accuracy = json.loads((out / "generalization.json").read_text())
+    assert json.dumps({name: round(100 * value, 2) for name, value in accuracy.items()}) in printed.splitlines()
+    baseline = json.loads((out / "baselines" / "cross-entropy" / "generalization.json").read_text())
+    table = accuracy_table({"DREAM-ID": accuracy, "cross-entropy": baseline})
+    assert printed.endswith(table + "\n") and (out / "baselines.md").read_text() == table + "\n"
+
+
+# ---- progress bars ---------------------------------------------------------------------------------------------
+
+
+def test_no_progress_silences_the_libraries_loading_bars(staged_run: dict[str, object]) -> None:
+    # The stage commands ran with --no-progress: neither transformers nor diffusers may draw a bar.
+    for command in ("anchors", "generate"):
+        _, _, stderr = staged_run[command]  # type: ignore[misc]
+        assert "Loading" not in stderr and "it/s]" not in stderr, (command, stderr)

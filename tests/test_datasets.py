@@ -351,3 +351,96 @@ def test_class_folder_dataset(tmp_path: Path) -> None:
         class_folder_dataset(tmp_path, classes=["bird"])
     with pytest.raises(FileNotFoundError, match="one sub-folder of images per class"):
         class_folder_dataset(tmp_path / "nothing")
+
+
+# ---- views of one loaded set ------------------------------------------------------------------------------
+
+
+def test_with_transform_shares_the_images_and_leaves_the_original_alone(tmp_path: Path) -> None:
+    import torchvision.transforms as T
+
+    from dreamood.data.datasets import with_transform
+
+    paths = [_image(tmp_path / f"{i}.png", seed=i) for i in range(3)]
+    original = ImageListDataset([(p, i) for i, p in enumerate(paths)], T.PILToTensor(), classes=["a", "b", "c"])
+    view = with_transform(original, None)
+    assert type(view) is ImageListDataset and view.samples is original.samples and view.classes is original.classes
+    image, label = view[1]
+    assert isinstance(image, Image.Image) and label == 1
+    assert torch.equal(original[1][0], torch.from_numpy(np.array(image)).permute(2, 0, 1))
+    with pytest.raises(TypeError, match="'transform' attribute"):
+        with_transform(torch.utils.data.TensorDataset(torch.zeros(2)), None)
+
+
+def test_with_transform_of_a_torchvision_dataset_keeps_transforms_in_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchvision.datasets.cifar
+    from torchvision.datasets import VisionDataset
+
+    from dreamood.data.datasets import with_transform
+
+    _fake_cifar(tmp_path)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: True)
+    dataset = cifar100(tmp_path, train=False, transform=cifar_test_transform())
+    view = with_transform(dataset, None)
+    assert view.data is dataset.data and view.targets is dataset.targets
+    assert view.transforms is None and view.transform is None and dataset.transform is not None
+    assert isinstance(view[0][0], Image.Image) and isinstance(dataset[0][0], torch.Tensor)
+    labelled = with_transform(cifar100(tmp_path, train=False, transform=None), cifar_test_transform())
+    assert labelled.transforms is not None and labelled.transforms.transform is labelled.transform
+    joint = VisionDataset(str(tmp_path), transforms=lambda image, label: (image, label))
+    with pytest.raises(ValueError, match="joint transforms"):
+        with_transform(joint, None)
+
+
+def test_build_data_reads_cifar100_once_per_split_with_unchanged_datasets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchvision.datasets
+    import torchvision.datasets.cifar
+
+    from dreamood.config import load_config
+    from dreamood.pipeline import _raw_transform, build_data
+
+    _fake_cifar(tmp_path / "cifar", n=6)
+    _fake_cifar_ood_root(tmp_path / "ood")
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: True)
+    loads: list[bool] = []
+
+    class CountingCIFAR100(torchvision.datasets.CIFAR100):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            loads.append(self.train)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", CountingCIFAR100)
+    config = load_config(
+        "cifar100",
+        {"data.root": str(tmp_path / "cifar"), "data.ood_root": str(tmp_path / "ood"), "data.ood_sets": ["LSUN-C"]},
+    )
+    data = build_data(config)
+    assert sorted(loads) == [False, True]  # the training split once for its three views, the test split once
+    assert data.bank.data is data.train.data and data.raw_train.data is data.train.data  # type: ignore[attr-defined,union-attr]
+
+    # Each view reads as a dataset loaded on its own with that view's transform.
+    transforms = {name: get_transform("cifar100", name) for name in ("train", "test")}
+    expected = {
+        "train": cifar100(tmp_path / "cifar", True, transforms["train"]),
+        "bank": cifar100(tmp_path / "cifar", True, transforms["test"]),
+        "raw_train": cifar100(tmp_path / "cifar", True, _raw_transform(config)),
+        "test": cifar100(tmp_path / "cifar", False, transforms["test"]),
+    }
+    for name, reference in expected.items():
+        view = getattr(data, name)
+        assert len(view) == len(reference) == 6, name
+        for index in range(len(view)):
+            torch.manual_seed(index)  # the training augmentation draws from torch's generator
+            image, label = view[index]
+            torch.manual_seed(index)
+            reference_image, reference_label = reference[index]
+            assert label == reference_label, name
+            if isinstance(image, torch.Tensor):
+                assert torch.equal(image, reference_image), (name, index)
+            else:
+                assert np.array_equal(np.asarray(image), np.asarray(reference_image)), (name, index)
+    assert isinstance(data.raw_train[0][0], Image.Image)  # type: ignore[index]

@@ -282,6 +282,88 @@ evaluation: {{protocol: full}}
     assert len(list((tmp_path / "run" / "images").rglob("*.png"))) == 4
 
 
+# ---- interrupted writes and library progress bars ----------------------------------------------------------
+
+
+def test_every_stage_removes_the_temporaries_of_its_killed_writes(cifar_run: tuple[Path, str]) -> None:
+    out, _ = cifar_run
+    own = [
+        ".anchors.safetensors.k1.tmp",
+        ".anchors.json.k2.tmp",
+        ".encoder.pt.k3.tmp",
+        ".feature_bank.safetensors.k4.tmp",
+        ".samples.json.k5.tmp",
+        "images/.manifest.jsonl.k6.tmp",
+        ".classifier.pt.k7.tmp",
+        ".report.json.k8.tmp",
+        ".report.md.k9.tmp",
+        ".config.json.k10.tmp",
+        "baselines/godin/.report.json.k11.tmp",
+        "baselines/gan/.classifier.pt.k12.tmp",
+    ]
+    others = [".notes.txt.k13.tmp", ".anchors.safetensors.k14", "images/0/.other.k15.tmp"]
+    artefacts = [p for p in out.rglob("*") if p.is_file() and "tiny-stable-diffusion" not in p.parts]
+    artefacts = {p: p.read_bytes() for p in artefacts if p.name not in ("config.json", "timings.json")}
+    for name in own + others:
+        (out / name).write_bytes(b"half-written")
+    try:
+        pipe = _smoke_pipeline(out)
+        pipe.run()  # every stage is done: each only cleans up, then skips
+        for name in OOD_BASELINES:
+            pipe.ood_baseline(name)
+        assert [name for name in own if (out / name).exists()] == []
+        assert [name for name in others if not (out / name).exists()] == []
+        assert {p: p.read_bytes() for p in artefacts} == artefacts
+    finally:
+        for name in others:
+            (out / name).unlink(missing_ok=True)
+
+
+def test_model_loading_progress_bars_follow_the_progress_setting(
+    tmp_path: Path, tiny_sd: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import transformers.utils.logging as bars
+
+    for progress in (True, False):
+        out = _run_dir(tmp_path / str(progress), tiny_sd)
+        config, data = smoke_setup(load_config("cifar100", {"progress": progress}), out)
+        capfd.readouterr()
+        pipe = Pipeline(config, data)
+        pipe.anchors()
+        pipe._decoder(torch.device("cpu"))
+        err = capfd.readouterr().err
+        for bar in ("Loading weights", "Loading pipeline components"):
+            assert (bar in err) == progress, (bar, progress, err)
+        assert bars.is_progress_bar_enabled()  # restored after the stage
+
+
+def test_library_progress_bars_restores_every_switch() -> None:
+    import diffusers.utils.logging as diffusers_bars
+    import huggingface_hub.utils as hub
+    import transformers.utils.logging as transformers_bars
+
+    from dreamood._utils import library_progress_bars
+
+    with pytest.raises(ValueError, match="libraries must be among transformers, diffusers"):
+        library_progress_bars(["tqdm"], enabled=False).__enter__()
+    hub.disable_progress_bars("huggingface_hub.lfs")
+    diffusers_bars.disable_progress_bar()
+    try:
+        with library_progress_bars(["transformers", "diffusers"], enabled=False):
+            assert not transformers_bars.is_progress_bar_enabled() and not diffusers_bars.is_progress_bar_enabled()
+            assert hub.are_progress_bars_disabled()
+        assert transformers_bars.is_progress_bar_enabled() and not diffusers_bars.is_progress_bar_enabled()
+        assert hub.are_progress_bars_disabled("huggingface_hub.lfs") and not hub.are_progress_bars_disabled()
+        with pytest.raises(KeyError), library_progress_bars(["transformers"], enabled=False):
+            raise KeyError("restored on errors too")
+        assert transformers_bars.is_progress_bar_enabled()
+        with library_progress_bars(["transformers"], enabled=True):  # enabled: nothing changes
+            assert transformers_bars.is_progress_bar_enabled()
+    finally:
+        hub.enable_progress_bars()
+        diffusers_bars.enable_progress_bar()
+
+
 # ---- baselines ----------------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,8 @@
 """Datasets, transforms and class-name lists.
 
 - Class names: CIFAR-100 (label order, prompt-friendly), the paper's ImageNet-100 and ImageNet-1k.
-- ID datasets: CIFAR-100 (torchvision), ImageNet-100 read in place from an ImageNet-1k folder tree.
+- ID datasets: CIFAR-100 (torchvision), ImageNet-100 read in place from an ImageNet-1k folder tree;
+  :func:`with_transform` gives another view of a loaded set without loading it again.
 - OOD test sets with the paper's preprocessing, and the DREAM-ID generalisation sets (ImageNet-A, -V2).
 - :class:`GeneratedImageFolder` reads images written by :func:`dreamood.decoding.generation.generate_images`.
 
@@ -27,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "class_folder_dataset": "dreamood.data.datasets",
     "find_images": "dreamood.data.datasets",
     "link_imagenet_subset": "dreamood.data.datasets",
+    "with_transform": "dreamood.data.datasets",
     "OODImageFolder": "dreamood.data.ood",
     "OODSetSpec": "dreamood.data.ood",
     "CIFAR100_OOD_SETS": "dreamood.data.ood",
@@ -60,6 +62,7 @@ if TYPE_CHECKING:
         class_folder_dataset,
         find_images,
         link_imagenet_subset,
+        with_transform,
     )
     from dreamood.data.generated import GeneratedImageFolder
     from dreamood.data.ood import (

@@ -11,6 +11,7 @@ expected layout, before torchvision is involved.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "class_folder_dataset",
     "find_images",
     "link_imagenet_subset",
+    "with_transform",
 ]
 
 #: File name endings read as images (compared case-insensitively).
@@ -110,6 +112,46 @@ class ImageListDataset(Dataset[tuple[Any, int]]):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_samples={len(self)}, num_classes={len(self.classes)})"
+
+
+def with_transform(dataset: Any, transform: Transform | None) -> Any:
+    """A view of ``dataset`` that reads the same images through another transform, without loading them again.
+
+    The view is a shallow copy: the images (a torchvision dataset's ``data`` array, an
+    :class:`ImageListDataset`'s ``samples``) and the labels are shared with ``dataset``, which keeps its own
+    transform. Use it for the several views of one training set (augmented, plain, raw) instead of loading
+    the set once per view.
+
+    Args:
+        dataset: A dataset that applies its ``transform`` attribute to each image: any torchvision dataset
+            built with ``transform=`` (for example :func:`cifar100`) or an :class:`ImageListDataset`.
+        transform: The view's transform (``None``: the images as read).
+
+    Returns:
+        The view, of the same type as ``dataset``.
+
+    Raises:
+        TypeError: ``dataset`` has no ``transform`` attribute.
+        ValueError: ``dataset`` is a torchvision dataset built with a joint ``transforms=`` callable, which a
+            new ``transform`` cannot replace.
+    """
+    if not hasattr(dataset, "transform"):
+        raise TypeError(f"dataset must have a 'transform' attribute, got {type(dataset).__name__}")
+    view = copy.copy(dataset)
+    view.transform = transform
+    joint = getattr(dataset, "transforms", None)
+    if hasattr(dataset, "transforms"):  # torchvision keeps transform and target_transform wrapped in `transforms` too
+        from torchvision.datasets.vision import StandardTransform
+
+        if joint is not None and not isinstance(joint, StandardTransform):
+            raise ValueError(
+                f"dataset applies a joint transforms={joint!r}, which a new transform cannot replace; build the "
+                "dataset with transform= instead"
+            )
+        target_transform = getattr(dataset, "target_transform", None)
+        has_any = transform is not None or target_transform is not None
+        view.transforms = StandardTransform(transform, target_transform) if has_any else None
+    return view
 
 
 # ---- CIFAR-100 ---------------------------------------------------------------------------------------------
