@@ -506,8 +506,10 @@ def test_non_finite_loss_stops_with_epoch_and_step() -> None:
     x[9, 1] = float("nan")  # third batch of four
     model = _mlp()
     with pytest.raises(NonFiniteError, match=r"loss is nan at epoch 1/2, step 3/3"):
-        train_classifier(model, DataLoader(TensorDataset(x, y), batch_size=4), epochs=2, device="cpu", progress=False)
-    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())  # the bad step was not applied
+        train_classifier(
+            model, DataLoader(TensorDataset(x, y), batch_size=4), epochs=2, sync_every=1, device="cpu", progress=False
+        )
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())  # checked every step: not applied
 
 
 def test_progress_bar_shows_loss_and_accuracy(capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,6 +12,7 @@ from dreamood._validation import check_choice, check_positive, check_positive_in
 __all__ = ["EpochMetrics", "TrainingConfig", "TrainingResult"]
 
 AMP_DTYPES = ("bf16", "fp16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,17 @@ class TrainingConfig:
         amp: ``None`` (full precision), ``"bf16"`` or ``"fp16"`` autocast; ``"fp16"`` also scales the loss.
         channels_last: Convert the model and 4-D image batches to the channels-last memory format.
         compile: Run the forward pass through ``torch.compile``.
+        compile_mode: ``torch.compile``'s ``mode`` with ``compile=True``: ``None`` (its default), ``"default"``,
+            ``"reduce-overhead"`` (CUDA graphs), ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``.
+        cudnn_benchmark: Set ``torch.backends.cudnn.benchmark`` (cuDNN times its convolution algorithms and keeps
+            the fastest) while :func:`~dreamood.training.train_classifier` runs, and restore the previous value
+            afterwards; ``False`` leaves the setting as it is.
+        sync_every: Read the step statistics (losses, accuracy counts, deferred label checks) back from the
+            device every this many steps (default 10) and at the end of every epoch, so the host does not wait
+            for the device at every step; the epoch metrics do not depend on it. A non-finite loss is reported at
+            the next read-back and names the first bad step, but by then that step and up to ``sync_every - 1``
+            more have updated the model, so its weights in memory may be NaN (the checkpoint on disk is the last
+            completed epoch's). ``1`` checks every step before its update. The progress bar moves at read-backs.
         device: Device to train on; ``None``/``"auto"`` picks CUDA when available (under ``torchrun``, the
             process's ``LOCAL_RANK`` GPU).
         seed: Seed of the loop's own randomness (the order of the mixed ID/outlier batch, the feature
@@ -49,7 +61,8 @@ class TrainingConfig:
         progress: Show a tqdm progress bar with the running loss and accuracy (on rank 0 only).
 
     Raises:
-        ValueError: A number is out of range, ``amp`` is unknown, or ``resume`` is set without ``output_dir``.
+        ValueError: A number is out of range, ``amp`` or ``compile_mode`` is unknown, ``compile_mode`` is set
+            without ``compile=True``, or ``resume`` is set without ``output_dir``.
         TypeError: A count is not an int.
     """
 
@@ -64,6 +77,9 @@ class TrainingConfig:
     amp: str | None = None
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str | None = None
+    cudnn_benchmark: bool = False
+    sync_every: int = 10
     device: str | None = None
     seed: int = 0
     output_dir: str | os.PathLike[str] | None = None
@@ -85,6 +101,11 @@ class TrainingConfig:
         check_positive_int(self.ood_start_epoch, "ood_start_epoch", allow_zero=True)
         if self.amp is not None:
             check_choice(self.amp, AMP_DTYPES, "amp")
+        if self.compile_mode is not None:
+            check_choice(self.compile_mode, COMPILE_MODES, "compile_mode")
+            if not self.compile:
+                raise ValueError(f"compile_mode={self.compile_mode!r} needs compile=True")
+        check_positive_int(self.sync_every, "sync_every")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__} {self.seed!r}")
         if self.resume and self.output_dir is None:

@@ -9,6 +9,7 @@ penultimate features, and pass them through the classifier head inside the same 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -35,6 +36,7 @@ from dreamood.training.distributed import (
     gather_rows,
     setup_distributed,
 )
+from dreamood.training.losses import bad_distribution_rows, distribution_cross_entropy
 from dreamood.training.rng import capture_rng_state, loader_generators, restore_rng_state
 
 __all__ = ["CHECKPOINT_FORMAT", "train_classifier"]
@@ -57,6 +59,7 @@ def train_classifier(
     feature_sampler: FeatureOutlierSampler | None = None,
     feature_extractor: Callable[[Tensor], Tensor] | None = None,
     classifier_head: Callable[[Tensor], Tensor] | None = None,
+    no_weight_decay: Iterable[nn.Parameter] = (),
     **options: Any,
 ) -> TrainingResult:
     """Train ``model`` in place with cross-entropy plus, optionally, the energy outlier loss.
@@ -68,7 +71,11 @@ def train_classifier(
     * **DREAM-OOD**: ``outlier_loader`` yields generated outlier images (or ``(images, labels)`` batches whose
       labels are ignored) and ``regularizer`` is an :class:`~dreamood.training.EnergyOODRegularizer`.
     * **DREAM-ID**: ``synthetic_id_loader`` yields generated ``(images, labels)`` inliers that join the
-      cross-entropy.
+      cross-entropy. Augmented copies (RandAugment, CutMix, ...) join the same way.
+    * **Mixed labels**: ``id_loader`` and ``synthetic_id_loader`` may yield target distributions ``(N, C)``
+      (floats, rows summing to 1; CutMix) instead of integer labels; the cross-entropy of such a row is
+      ``-sum_c t_c log softmax(f(x))_c`` (:func:`~dreamood.training.soft_cross_entropy`), integer labels of the
+      other loader count as one-hot rows, and the accuracy compares with the most likely class.
     * **VOS / NPOS**: ``feature_sampler`` receives the penultimate features of every labelled batch
       (``feature_extractor``) and, from epoch ``ood_start_epoch`` on, returns virtual outlier features that
       ``classifier_head`` maps to logits for the regulariser. The sampler is drawn from before it sees the
@@ -87,6 +94,10 @@ def train_classifier(
     are written atomically; ``resume=True`` continues from the checkpoint and reproduces the uninterrupted
     run exactly (same device and number of processes).
 
+    The host reads the step statistics back from the device every ``sync_every`` steps (and at the end of
+    every epoch) rather than at every step; labels that arrive on the device are range-checked on it and
+    reported at the same read-backs, so a step does not wait for the previous one to finish.
+
     Args:
         model: The classifier, an ``nn.Module`` mapping images to logits ``(N, C)``; it holds every trained
             parameter of the classifier (including those ``feature_extractor`` and ``classifier_head`` use).
@@ -101,6 +112,8 @@ def train_classifier(
         feature_extractor: Callable mapping images to penultimate features ``(N, d)``, e.g. ``model.features``.
         classifier_head: Callable mapping features to logits, e.g. ``model.fc``;
             ``classifier_head(feature_extractor(x))`` must equal ``model(x)``.
+        no_weight_decay: Parameters of ``model`` trained with weight decay 0 (e.g. GODIN's class weights);
+            every other parameter gets ``weight_decay``.
         **options: Fields of :class:`TrainingConfig` (``epochs``, ``lr``, ``beta``, ...), overriding
             ``config``'s.
 
@@ -110,8 +123,8 @@ def train_classifier(
     Raises:
         TypeError: An argument has the wrong type, an option is unknown, or a loader yields malformed batches.
         ValueError: The arguments do not fit together (outliers without a regulariser, a sampler without the
-            model parts, a head whose parameters are not in ``model``), labels are out of range, or a
-            checkpoint to resume belongs to a different run.
+            model parts, a head or a ``no_weight_decay`` parameter that is not in ``model``), labels are out of
+            range or are not distributions, or a checkpoint to resume belongs to a different run.
         NonFiniteError: The loss became NaN or infinite; the message names the epoch and step.
         ArtifactError: A checkpoint cannot be read safely.
     """
@@ -127,18 +140,26 @@ def train_classifier(
         classifier_head,
         config,
     )
-    run = _TrainingRun(
-        model=model,
-        id_loader=id_loader,
-        outlier_loader=outlier_loader,
-        synthetic_id_loader=synthetic_id_loader,
-        regularizer=regularizer,
-        feature_sampler=feature_sampler,
-        feature_extractor=feature_extractor,
-        classifier_head=classifier_head,
-        config=config,
-    )
-    return run.train()
+    excluded = _check_no_weight_decay(model, no_weight_decay)
+    previous_benchmark = torch.backends.cudnn.benchmark
+    if config.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+    try:
+        run = _TrainingRun(
+            model=model,
+            id_loader=id_loader,
+            outlier_loader=outlier_loader,
+            synthetic_id_loader=synthetic_id_loader,
+            regularizer=regularizer,
+            feature_sampler=feature_sampler,
+            feature_extractor=feature_extractor,
+            classifier_head=classifier_head,
+            no_decay_ids=excluded,
+            config=config,
+        )
+        return run.train()
+    finally:
+        torch.backends.cudnn.benchmark = previous_benchmark
 
 
 def _make_config(config: TrainingConfig | None, options: dict[str, Any]) -> TrainingConfig:
@@ -147,6 +168,24 @@ def _make_config(config: TrainingConfig | None, options: dict[str, Any]) -> Trai
     if not isinstance(config, TrainingConfig):
         raise TypeError(f"config must be a TrainingConfig, got {type(config).__name__}")
     return replace(config, **options) if options else config
+
+
+def _check_no_weight_decay(model: nn.Module, parameters: Iterable[nn.Parameter]) -> set[int]:
+    """The ids of the ``no_weight_decay`` parameters, all of which must be parameters of ``model``."""
+    if isinstance(parameters, Tensor) or not isinstance(parameters, Iterable):
+        raise TypeError(f"no_weight_decay must be an iterable of parameters, got {type(parameters).__name__}")
+    parameters = list(parameters)
+    for parameter in parameters:
+        if not isinstance(parameter, nn.Parameter):
+            raise TypeError(f"no_weight_decay must hold nn.Parameter objects, got a {type(parameter).__name__}")
+    model_parameters = {id(p) for p in model.parameters()}
+    unknown = sum(id(p) not in model_parameters for p in parameters)
+    if unknown:
+        raise ValueError(
+            f"no_weight_decay holds {unknown} parameter(s) that are not parameters of model; pass parameters of "
+            "the model being trained (e.g. model.head.h_parameters())"
+        )
+    return {id(p) for p in parameters}
 
 
 def _owner_module(part: Callable[[Tensor], Tensor]) -> nn.Module | None:
@@ -274,16 +313,66 @@ def _set_sampler_epoch(loader: Iterable[Any], epoch: int) -> None:
 
 
 def _labelled_batch(batch: Any, name: str) -> tuple[Tensor, Tensor]:
+    """``(images, labels)`` of a batch; labels are integers ``(N,)`` or target distributions ``(N, C)``."""
     if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and all(isinstance(b, Tensor) for b in batch[:2])):
         raise TypeError(f"{name} must yield (images, labels) tensor pairs, got a {type(batch).__name__}")
     images, labels = batch[0], batch[1]
-    if labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+    hard = labels.dim() == 1 and not labels.is_floating_point() and labels.dtype != torch.bool
+    soft = labels.dim() == 2 and labels.is_floating_point() and labels.shape[1] > 0
+    if not (hard or soft):
         raise TypeError(
-            f"{name} labels must be a 1-D integer tensor, got dtype {labels.dtype}, shape {tuple(labels.shape)}"
+            f"{name} labels must be a 1-D integer tensor or (N, C) floating-point target distributions, got dtype "
+            f"{labels.dtype}, shape {tuple(labels.shape)}"
         )
     if labels.shape[0] != images.shape[0]:
         raise ValueError(f"{name} yielded {images.shape[0]} images but {labels.shape[0]} labels")
     return images, labels
+
+
+def _combine_targets(
+    targets: list[Tensor], names: list[str], defer: bool
+) -> tuple[Tensor, tuple[int, int] | None, Tensor | None]:
+    """Concatenate a step's labels: integers ``(N,)``, or distributions ``(N, C)`` if any loader yields them.
+
+    With a target distribution among them, integer labels become one-hot rows. Returns the targets, the range
+    of the integer labels (checked against the model's outputs after the forward pass) and ``None``; or, with
+    ``defer``, ``None`` and a tensor ``[lowest label, highest label, rows that are not distributions]`` computed
+    on the labels' device, checked at the next read-back instead of synchronising now (out-of-range labels are
+    clamped meanwhile, so the device never indexes outside the logits).
+    """
+    hard = [t for t in targets if t.dim() == 1]
+    soft = [t for t in targets if t.dim() == 2]
+    labels = torch.cat(hard) if hard else None
+    if not soft:
+        assert labels is not None
+        if defer:
+            return labels, None, torch.stack([labels.min(), labels.max(), labels.new_zeros(())]).double()
+        return labels, (int(labels.min()), int(labels.max())), None
+
+    widths = {t.shape[1] for t in soft}
+    if len(widths) > 1:
+        found = ", ".join(f"{name}: {t.shape[1]}" for t, name in zip(targets, names) if t.dim() == 2)
+        raise ValueError(f"the target distributions must all have one column per class, got {found} columns")
+    num_classes = widths.pop()
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in soft])
+    if defer:
+        bad = torch.stack([bad_distribution_rows(t) for t in soft]).sum()
+        extremes = [bad.new_zeros(()), bad.new_zeros(())] if labels is None else [labels.min(), labels.max()]
+        checks = torch.stack([*extremes, bad]).double()
+        rows = [t if t.dim() == 2 else F.one_hot(t.clamp(0, num_classes - 1), num_classes) for t in targets]
+        return torch.cat([row.to(dtype) for row in rows]), None, checks
+    for t, name in zip(targets, names):
+        if t.dim() == 2 and int(bad_distribution_rows(t)):
+            raise ValueError(f"{name} target distributions must have non-negative rows summing to 1")
+    if labels is not None:
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}) to match the target distributions' {num_classes} columns, "
+                f"got labels from {low} to {high}"
+            )
+    rows = [t if t.dim() == 2 else F.one_hot(t, num_classes) for t in targets]
+    return torch.cat([row.to(dtype) for row in rows]), None, None
 
 
 def _image_batch(batch: Any, name: str) -> Tensor:
@@ -299,6 +388,28 @@ def _check_same_kind(images: Tensor, reference: Tensor, name: str) -> None:
         raise ValueError(
             f"{name} yielded images of shape {tuple(images.shape[1:])} and dtype {images.dtype}, but id_loader "
             f"yields {tuple(reference.shape[1:])} and {reference.dtype}"
+        )
+
+
+def _check_label_range(low: float, high: float, num_outputs: int) -> None:
+    if low < 0 or high >= num_outputs:
+        raise ValueError(
+            f"labels must lie in [0, {num_outputs}) for a model with {num_outputs} outputs, got labels from "
+            f"{low:.0f} to {high:.0f}"
+        )
+
+
+def _check_deferred_labels(checks: list[float], item: _PendingStep) -> None:
+    """Raise for the label checks ``[lowest, highest, bad rows]`` that a step computed on the device."""
+    low, high, bad_rows = checks
+    where = f" (epoch {item.epoch + 1}, step {item.step + 1})"
+    try:
+        _check_label_range(low, high, item.num_outputs)
+    except ValueError as error:
+        raise ValueError(f"{error}{where}") from None
+    if bad_rows:
+        raise ValueError(
+            f"target distributions must have non-negative rows summing to 1, got {bad_rows:.0f} other row(s){where}"
         )
 
 
@@ -329,11 +440,25 @@ class _Batch:
 
     inputs: Tensor
     inverse: Tensor | None
-    target: Tensor
-    label_range: tuple[int, int]
+    target: Tensor  # integer labels (N,) or target distributions (N, C)
+    label_range: tuple[int, int] | None  # of the integer labels, when checked on the host
+    label_checks: Tensor | None  # [lowest label, highest label, bad rows], when checked at the read-back
     n_id: int
     n_labelled: int
     has_outliers: bool
+
+
+@dataclass(frozen=True)
+class _PendingStep:
+    """A step whose statistics are still on the device: ``values`` holds the all-reduced sums
+    ``[loss, ce, ood, correct, count]``, followed by this process's ``label_checks`` when there are any."""
+
+    epoch: int
+    step: int
+    has_ood: bool
+    num_outputs: int
+    has_label_checks: bool
+    values: Tensor
 
 
 @dataclass
@@ -369,6 +494,7 @@ class _TrainingRun:
         feature_sampler: FeatureOutlierSampler | None,
         feature_extractor: Callable[[Tensor], Tensor] | None,
         classifier_head: Callable[[Tensor], Tensor] | None,
+        no_decay_ids: set[int],
         config: TrainingConfig,
     ) -> None:
         import numpy as np
@@ -402,8 +528,11 @@ class _TrainingRun:
         if self.regularizer is not None:
             seen = {id(p) for p in parameters}
             parameters += [p for p in self.regularizer.parameters() if id(p) not in seen]
+        groups: list[dict[str, Any]] = [{"params": [p for p in parameters if id(p) not in no_decay_ids]}]
+        if no_decay_ids:
+            groups.append({"params": [p for p in parameters if id(p) in no_decay_ids], "weight_decay": 0.0})
         self.optimizer = torch.optim.SGD(
-            parameters,
+            [group for group in groups if group["params"]],
             lr=config.lr,
             momentum=config.momentum,
             nesterov=config.nesterov,
@@ -446,7 +575,7 @@ class _TrainingRun:
             if self.regularizer is not None:
                 self.loss_module = DistributedDataParallel(self.regularizer, device_ids=device_ids)
         if config.compile:
-            self.network = cast(nn.Module, torch.compile(self.network))
+            self.network = cast(nn.Module, torch.compile(self.network, mode=config.compile_mode))
         # Restored last, so nothing above draws from the restored states.
         if rng_state is not None:
             problems = restore_rng_state(rng_state, self.generators)
@@ -578,17 +707,31 @@ class _TrainingRun:
         totals = _StepStats(loss=0.0, ce=0.0, ood=0.0, correct=0.0, count=0.0)
         steps = ood_steps = 0
         lr = self.optimizer.param_groups[0]["lr"]
-        try:
-            for step, batch in enumerate(self.id_loader):
-                lr = self.optimizer.param_groups[0]["lr"]
-                stats = self._step(batch, outliers, synthetic, use_ood, epoch, step)
+        pending: list[_PendingStep] = []
+
+        def read_back() -> None:
+            nonlocal steps, ood_steps
+            # Summed on the host step by step, in order, as if every step had been read at once.
+            for stats in self._read_back(pending):
                 steps += 1
                 totals.add(stats)
                 ood_steps += stats.ood is not None
-                if bar is not None:
-                    accuracy = totals.correct / max(totals.count, 1.0)
-                    bar.set_postfix(loss=f"{totals.loss / steps:.4f}", acc=f"{accuracy:.3f}", refresh=False)
-                    bar.update()
+            if bar is not None and pending:
+                accuracy = totals.correct / max(totals.count, 1.0)
+                bar.set_postfix(loss=f"{totals.loss / steps:.4f}", acc=f"{accuracy:.3f}", refresh=False)
+                bar.update(len(pending))
+            pending.clear()
+
+        def record(item: _PendingStep) -> None:
+            pending.append(item)
+            if len(pending) >= config.sync_every:
+                read_back()  # before the step's update: with sync_every=1 a non-finite step is never applied
+
+        try:
+            for step, batch in enumerate(self.id_loader):
+                lr = self.optimizer.param_groups[0]["lr"]
+                self._step(batch, outliers, synthetic, use_ood, epoch, step, record)
+            read_back()
         finally:
             if bar is not None:
                 bar.close()
@@ -604,6 +747,41 @@ class _TrainingRun:
             seconds=time.perf_counter() - start,
         )
 
+    def _read_back(self, pending: list[_PendingStep]) -> list[_StepStats]:
+        """Copy the pending steps' statistics to the host at once and check them in step order.
+
+        Every process holds the same all-reduced sums, so all of them raise at the same step.
+        """
+        if not pending:
+            return []
+        values = torch.cat([item.values for item in pending]).tolist()
+        world = self.context.world_size
+        results = []
+        offset = 0
+        for item in pending:
+            size = 8 if item.has_label_checks else 5
+            row = values[offset : offset + size]
+            offset += size
+            total_loss, total_ce, total_ood, n_correct, n_seen = row[:5]
+            if item.has_label_checks:
+                _check_deferred_labels(row[5:], item)
+            result = _StepStats(
+                loss=total_loss / world,
+                ce=total_ce / world,
+                ood=total_ood / world if item.has_ood else None,
+                correct=n_correct,
+                count=n_seen,
+            )
+            if not math.isfinite(result.loss):
+                raise NonFiniteError(
+                    f"the training loss is {result.loss} at epoch {item.epoch + 1}/{self.config.epochs}, step "
+                    f"{item.step + 1}/{self.steps_per_epoch} (cross-entropy {result.ce}, outlier loss "
+                    f"{'not computed' if result.ood is None else result.ood}); check the inputs for NaN or "
+                    "infinity, lower the learning rate, or train in full precision"
+                )
+            results.append(result)
+        return results
+
     def _virtual_outliers(self) -> Tensor:
         """Draw virtual outlier features; under ``torchrun`` this process keeps every ``world_size``-th row."""
         assert self.feature_sampler is not None
@@ -618,28 +796,43 @@ class _TrainingRun:
             )
         return virtual.detach().to(self.device, torch.float32)
 
+    def _defer_label_checks(self, targets: list[Tensor]) -> bool:
+        """Check label values on the device (at the next read-back) when they are there already.
+
+        Reading them on the host would wait for the device. A feature sampler gets the labels of every step,
+        so with one the values are checked before the step, as they are for labels on the CPU (which costs
+        nothing).
+        """
+        return self.feature_sampler is None and any(t.device.type != "cpu" for t in targets)
+
     def _assemble(self, batch: Any, outliers: _Cycle | None, synthetic: _Cycle | None) -> _Batch:
         """Concatenate ID, generated-inlier and outlier images, shuffle them, and move them to the device."""
         images, labels = _labelled_batch(batch, "id_loader")
-        parts, targets = [images], [labels]
+        parts, targets, names = [images], [labels], ["id_loader"]
         if synthetic is not None:
             synthetic_images, synthetic_labels = _labelled_batch(next(synthetic), "synthetic_id_loader")
             _check_same_kind(synthetic_images, images, "synthetic_id_loader")
             parts.append(synthetic_images)
             targets.append(synthetic_labels)
+            names.append("synthetic_id_loader")
         if outliers is not None:
             outlier_images = _image_batch(next(outliers), "outlier_loader")
             _check_same_kind(outlier_images, images, "outlier_loader")
             parts.append(outlier_images)
-        target = torch.cat(targets)
-        label_range = (int(target.min()), int(target.max()))
+        if self.feature_sampler is not None and any(t.dim() == 2 for t in targets):
+            raise ValueError(
+                "feature_sampler needs integer labels (it models each class), but a loader yields target "
+                "distributions (N, C)"
+            )
+        target, label_range, label_checks = _combine_targets(targets, names, self._defer_label_checks(targets))
 
         inputs, inverse = images, None
         if len(parts) > 1:
             inputs = torch.cat(parts)
             order = torch.randperm(inputs.shape[0], generator=self.shuffle_generator)
-            inputs = inputs[order]
-            inverse = torch.argsort(order).to(self.device)
+            # Indexing a device tensor with a host index would wait for the device; copy the index over first.
+            inputs = inputs[order.to(inputs.device, non_blocking=True)]
+            inverse = torch.argsort(order).to(self.device, non_blocking=True)
         inputs = inputs.to(self.device, non_blocking=True)
         if self.config.channels_last and inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -648,6 +841,7 @@ class _TrainingRun:
             inverse=inverse,
             target=target.to(self.device, non_blocking=True),
             label_range=label_range,
+            label_checks=None if label_checks is None else label_checks.to(self.device, non_blocking=True),
             n_id=images.shape[0],
             n_labelled=target.shape[0],
             has_outliers=outliers is not None,
@@ -659,14 +853,21 @@ class _TrainingRun:
         if batch.inverse is not None:
             logits = logits[batch.inverse]
             features = None if features is None else features[batch.inverse]
-        low, high = batch.label_range
-        if low < 0 or high >= logits.shape[1]:
-            raise ValueError(
-                f"labels must lie in [0, {logits.shape[1]}) for a model with {logits.shape[1]} outputs, got "
-                f"labels from {low} to {high}"
-            )
+        num_outputs = logits.shape[1]
         labelled = logits[: batch.n_labelled]
-        ce = F.cross_entropy(labelled, batch.target)
+        target = batch.target
+        if target.dim() == 2:
+            if target.shape[1] != num_outputs:
+                raise ValueError(
+                    f"the target distributions have {target.shape[1]} columns, but the model has {num_outputs} outputs"
+                )
+            ce = distribution_cross_entropy(labelled, target)
+        else:
+            if batch.label_range is not None:
+                _check_label_range(*batch.label_range, num_outputs)
+            else:  # checked at the read-back; clamped so the device never indexes outside the logits
+                target = target.clamp(0, num_outputs - 1)
+            ce = F.cross_entropy(labelled, target)
         ood_logits = [logits[batch.n_labelled :]] if batch.has_outliers else []
         if virtual_logits is not None:
             ood_logits.append(virtual_logits)
@@ -676,8 +877,16 @@ class _TrainingRun:
         return features, logits, ce, self.loss_module(labelled, torch.cat(ood_logits))
 
     def _step(
-        self, batch: Any, outliers: _Cycle | None, synthetic: _Cycle | None, use_ood: bool, epoch: int, step: int
-    ) -> _StepStats:
+        self,
+        batch: Any,
+        outliers: _Cycle | None,
+        synthetic: _Cycle | None,
+        use_ood: bool,
+        epoch: int,
+        step: int,
+        record: Callable[[_PendingStep], None],
+    ) -> None:
+        """One optimisation step; ``record`` receives its statistics (still on the device) before the update."""
         config = self.config
         assembled = self._assemble(batch, outliers, synthetic)
         virtual = None
@@ -688,9 +897,12 @@ class _TrainingRun:
             features, logits, ce, ood = self._losses(assembled, virtual)
             loss = ce if ood is None else ce + config.beta * ood
 
-        # One reduction per step gives every process the global numbers, so all of them stop together.
+        # One reduction per step gives every process the global numbers, so all of them stop together. They stay
+        # on the device until the next read-back (every sync_every steps), so the host does not wait here.
         n_id = assembled.n_id
-        correct = (logits[:n_id].argmax(dim=1) == assembled.target[:n_id]).sum()
+        id_target = assembled.target[:n_id]
+        id_labels = id_target if id_target.dim() == 1 else id_target.argmax(dim=1)
+        correct = (logits[:n_id].argmax(dim=1) == id_labels).sum()
         stats = torch.stack(
             [
                 loss.detach().double(),
@@ -700,22 +912,19 @@ class _TrainingRun:
                 torch.full_like(correct, n_id).double(),
             ]
         )
-        total_loss, total_ce, total_ood, n_correct, n_seen = all_reduce_sum(stats, self.context).tolist()
-        world = self.context.world_size
-        result = _StepStats(
-            loss=total_loss / world,
-            ce=total_ce / world,
-            ood=None if ood is None else total_ood / world,
-            correct=n_correct,
-            count=n_seen,
-        )
-        if not math.isfinite(result.loss):
-            raise NonFiniteError(
-                f"the training loss is {result.loss} at epoch {epoch + 1}/{config.epochs}, step "
-                f"{step + 1}/{self.steps_per_epoch} (cross-entropy {result.ce}, outlier loss "
-                f"{'not computed' if result.ood is None else result.ood}); check the inputs for NaN or infinity, "
-                "lower the learning rate, or train in full precision"
+        values = all_reduce_sum(stats, self.context)
+        if assembled.label_checks is not None:
+            values = torch.cat([values, assembled.label_checks])
+        record(
+            _PendingStep(
+                epoch=epoch,
+                step=step,
+                has_ood=ood is not None,
+                num_outputs=logits.shape[1],
+                has_label_checks=assembled.label_checks is not None,
+                values=values,
             )
+        )
 
         torch.autograd.backward(self.scaler.scale(loss))
         self.scaler.step(self.optimizer)
@@ -728,4 +937,3 @@ class _TrainingRun:
                 gather_rows(features[: assembled.n_labelled].detach().float(), self.context),
                 gather_rows(assembled.target, self.context),
             )
-        return result
