@@ -8,6 +8,7 @@ import copy
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -198,8 +199,34 @@ def test_train_supervised_step_on_real_and_mixed_labels_is_exact() -> None:
     assert result.final.accuracy == pytest.approx(float((logits[:6].argmax(1) == labels).float().mean()))
     for after, start, grad in zip(model.parameters(), before, grads):
         torch.testing.assert_close(after.detach(), start - 0.05 * grad, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="amp"):
-        train_supervised(model, DataLoader(TensorDataset(images, labels)), epochs=1, amp="bf16")
+
+
+def test_train_supervised_writes_checkpoints_and_resumes(tmp_path: Path) -> None:
+    # The shared loop's options now apply: a finished run in output_dir resumes to the same weights and history.
+    images, labels = _digits(8)
+    mixed = torch.softmax(torch.randn(4, 3, generator=torch.Generator().manual_seed(1)), dim=1)
+
+    def run(seed: int) -> tuple[nn.Module, Any]:
+        model = Classifier(SmallConvNet(1, 8, width=4, seed=seed), 3)
+        result = train_supervised(
+            model,
+            DataLoader(TensorDataset(images, labels), batch_size=4),
+            synthetic_id_loader=DataLoader(TensorDataset(torch.rand(4, 1, 8, 8), mixed), batch_size=2),
+            epochs=2,
+            output_dir=tmp_path,
+            resume=True,
+            device="cpu",
+            progress=False,
+        )
+        return model, result
+
+    first_model, first = run(seed=0)
+    assert first.checkpoint_path == tmp_path / "checkpoint.pt" and first.checkpoint_path.is_file()
+    assert (tmp_path / "metrics.json").is_file()
+    again_model, again = run(seed=7)  # loads the finished checkpoint, trains nothing
+    assert again.history == first.history
+    for a, b in zip(first_model.state_dict().values(), again_model.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_cosine_schedule_of_train_supervised() -> None:

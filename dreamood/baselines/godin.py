@@ -20,11 +20,11 @@ from torch import Tensor, nn
 
 from dreamood._utils import DeviceLike
 from dreamood._validation import as_tensor, check_choice, check_finite, check_floating, check_positive_int
-from dreamood.baselines.supervised import train_supervised
 from dreamood.detectors.base import Detector, finish_scores
 from dreamood.models._seed import seeded
 from dreamood.models.classifier import backbone_features, resolve_feature_dim
 from dreamood.training.config import TrainingConfig, TrainingResult
+from dreamood.training.loop import train_classifier
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -227,8 +227,9 @@ def train_godin(
     """Train a :class:`GodinClassifier` with cross-entropy on its quotient logits, without weight decay on ``h``.
 
     Hsu et al., CVPR 2020 (Sec. 3.1 and 4): the class weights of ``h`` get no weight decay; every other
-    parameter gets ``config.weight_decay``. The optimiser and schedule are those of
-    :func:`~dreamood.training.train_classifier` (see :func:`~dreamood.baselines.train_supervised`).
+    parameter gets ``config.weight_decay``. This is :func:`~dreamood.training.train_classifier` with
+    ``no_weight_decay=model.head.h_parameters()``, so its optimiser, schedule and options (AMP, checkpoints,
+    ``resume``, ``torchrun``) apply.
 
     Args:
         model: The classifier.
@@ -241,11 +242,11 @@ def train_godin(
 
     Raises:
         TypeError: ``model`` is not a :class:`GodinClassifier`.
-        ValueError: See :func:`~dreamood.baselines.train_supervised`.
+        ValueError: See :func:`~dreamood.training.train_classifier`.
     """
     if not isinstance(model, GodinClassifier):
         raise TypeError(f"model must be a GodinClassifier, got {type(model).__name__}")
-    return train_supervised(model, id_loader, config, no_weight_decay=model.head.h_parameters(), **options)
+    return train_classifier(model, id_loader, config, no_weight_decay=model.head.h_parameters(), **options)
 
 
 class GODIN(Detector):
