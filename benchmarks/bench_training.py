@@ -8,12 +8,16 @@ momentum 0.9, weight decay 5e-4 and a per-step cosine learning rate, as in the p
   scheduler step): the baseline. PyTorch's defaults apply, so cuDNN convolutions may use TF32 on the GPU.
 * ``plain_fp32_strict``: the same with TF32 switched off for convolutions and matrix products.
 * ``loop_fp32``: :func:`dreamood.training.train_classifier` without fast options (the loop's own cost: the
-  per-step loss reduction and finiteness check, the progress statistics).
+  per-step statistics, read back from the device every ``sync_every=10`` steps, and their checks).
 * ``loop_bf16``, ``loop_bf16_channels_last``, ``loop_fast``: the loop with bf16 autocast, then channels-last,
   then ``torch.compile`` (``loop_fast`` = all three).
-* ``loop_fast_cudnn_benchmark``: the fast options with ``torch.backends.cudnn.benchmark`` (cuDNN picks its
-  convolution algorithms by timing them), which the loop does not switch on itself.
-* ``loop_fast_fp16``: the fast options with fp16 autocast and loss scaling instead of bf16.
+* ``loop_fast_sync_every_1``: the fast options with the statistics read back after every step
+  (``sync_every=1``), which makes the host wait for the device once per step: what ``sync_every`` saves.
+* ``loop_fast_cudnn_benchmark``: the fast options with ``cudnn_benchmark=True`` (cuDNN picks its
+  convolution algorithms by timing them; off by default).
+* ``loop_fast_reduce_overhead``: the fast options with ``compile_mode="reduce-overhead"`` (CUDA graphs).
+* ``loop_fast_fp16``: the fast options with fp16 autocast and loss scaling instead of bf16 (the loss scaler
+  reads one flag back from the device at every step).
 * ``loop_fast_outliers``: a full DREAM-OOD step with the fast options: 256 ID images and 256 outlier images
   per step, cross-entropy plus the energy regulariser (paper Eq. 7, linear head).
 
@@ -44,7 +48,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +72,8 @@ class Setup:
     outliers: bool = False
     strict_fp32: bool = False
     cudnn_benchmark: bool = False
+    compile_mode: str | None = None
+    sync_every: int | None = None  # None: TrainingConfig's default
 
 
 SETUPS: dict[str, Setup] = {
@@ -77,12 +83,26 @@ SETUPS: dict[str, Setup] = {
     "loop_bf16": Setup("train_classifier, amp=bf16", amp="bf16"),
     "loop_bf16_channels_last": Setup("+ channels_last", amp="bf16", channels_last=True),
     "loop_fast": Setup("+ compile (bf16, channels_last, compile)", amp="bf16", channels_last=True, compile=True),
+    "loop_fast_sync_every_1": Setup(
+        "fast options, statistics read back every step (sync_every=1)",
+        amp="bf16",
+        channels_last=True,
+        compile=True,
+        sync_every=1,
+    ),
     "loop_fast_cudnn_benchmark": Setup(
-        "fast options + torch.backends.cudnn.benchmark",
+        "fast options + cudnn_benchmark=True",
         amp="bf16",
         channels_last=True,
         compile=True,
         cudnn_benchmark=True,
+    ),
+    "loop_fast_reduce_overhead": Setup(
+        'fast options + compile_mode="reduce-overhead" (CUDA graphs)',
+        amp="bf16",
+        channels_last=True,
+        compile=True,
+        compile_mode="reduce-overhead",
     ),
     "loop_fast_fp16": Setup("fast options with amp=fp16 (loss scaling)", amp="fp16", channels_last=True, compile=True),
     "loop_fast_outliers": Setup(
@@ -157,15 +177,17 @@ def free_memory(device: torch.device) -> None:
 
 @contextlib.contextmanager
 def backend_flags(setup: Setup) -> Iterator[None]:
-    """The setup's cuDNN and TF32 switches inside the block, PyTorch's defaults restored after it."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark
+    """The setup's TF32 switches inside the block, PyTorch's defaults restored after it.
+
+    ``cudnn.benchmark`` is the loop's own option (``TrainingConfig.cudnn_benchmark``), which restores it itself.
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     if setup.strict_fp32:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.benchmark = setup.cudnn_benchmark or saved[2]
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = saved
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @contextlib.contextmanager
@@ -268,10 +290,14 @@ def run_loop(args: argparse.Namespace, setup: Setup, device: torch.device) -> li
         amp=setup.amp,
         channels_last=setup.channels_last,
         compile=setup.compile,
+        compile_mode=setup.compile_mode,
+        cudnn_benchmark=setup.cudnn_benchmark,
         device=str(device),
         seed=args.seed,
         progress=False,
     )
+    if setup.sync_every is not None:
+        config = replace(config, sync_every=setup.sync_every)
     id_size = args.batch_size // 2 if setup.outliers else args.batch_size
     loader = EpochBatches(make_batches(args, id_size, args.seed), args.steps, device)
     extra: dict[str, Any] = {}
@@ -300,6 +326,8 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the selected rows, print a table and write JSON after every row; return the results."""
+    from dreamood.training import TrainingConfig
+
     args = parse_args(argv)
     quiet_logs()
     device = torch.device(args.device)
@@ -318,10 +346,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     header = f"{'row':<24} {'images/s':>10} {'ms/step':>9} {'spread':>7} {'vs plain':>9}  description"
     print(header + "\n" + "-" * len(header), flush=True)
     baseline: float | None = None
+    default_sync_every = TrainingConfig(epochs=1).sync_every
     for name in args.rows:
         setup = SETUPS[name]
         free_memory(device)
         row: dict[str, Any] = {"name": name, **asdict(setup)}
+        if setup.loop == "dreamood" and setup.sync_every is None:
+            row["sync_every"] = default_sync_every
         try:
             with backend_flags(setup):
                 seconds = run_plain(args, device) if setup.loop == "plain" else run_loop(args, setup, device)
