@@ -50,6 +50,8 @@ PACKAGED_CONFIGS: tuple[str, ...] = ("cifar100", "imagenet100", "imagenet100-dre
 BENCHMARKS: tuple[str, ...] = ("cifar100", "imagenet100", "folder")
 METHODS: tuple[str, ...] = ("dream-ood", "dream-id")
 BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "small")
+# The decoder's torch.compile modes (dreamood.decoding.stable_diffusion.COMPILE_MODES, which imports torch).
+COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class ConfigError(DreamoodError, ValueError):
@@ -235,6 +237,13 @@ class GenerationConfig:
         scheduler: ``"pndm"`` (PLMS, the paper's), ``"ddim"`` or ``"dpm++"``.
         dtype: Weights' dtype (``"fp16"``, ``"bf16"``, ``"fp32"``); none: fp16 on CUDA, fp32 elsewhere.
         local_files_only: Never download the model.
+        channels_last: Run the UNet and VAE in channels-last memory format.
+        fuse_qkv_projections: Fuse the attention layers' query/key/value projections.
+        compile: ``torch.compile`` the UNet (minutes at the first batch; keep ``batch_size`` fixed).
+        compile_vae: ``torch.compile`` the VAE decoder.
+        compile_mode: ``torch.compile`` mode: ``"default"``, ``"reduce-overhead"`` (CUDA graphs),
+            ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``.
+        writer_threads: Threads that encode and write the PNG files while the next batch renders (0: inline).
     """
 
     model: str = "CompVis/stable-diffusion-v1-4"
@@ -249,6 +258,12 @@ class GenerationConfig:
     scheduler: str = "pndm"
     dtype: str | None = None
     local_files_only: bool = True
+    channels_last: bool = True
+    fuse_qkv_projections: bool = True
+    compile: bool = False
+    compile_vae: bool = False
+    compile_mode: str = "default"
+    writer_threads: int = 4
 
     def __post_init__(self) -> None:
         _require(self.prompt.count("{}") == 1, f"prompt must hold exactly one '{{}}', got {self.prompt!r}")
@@ -262,6 +277,8 @@ class GenerationConfig:
         _one_of(self.scheduler, ("pndm", "ddim", "dpm++"), "scheduler")
         if self.dtype is not None:
             _one_of(self.dtype, ("fp16", "bf16", "fp32", "float16", "bfloat16", "float32"), "dtype")
+        _one_of(self.compile_mode, COMPILE_MODES, "compile_mode")
+        _positive(self.writer_threads, "writer_threads", allow_zero=True)
 
 
 @dataclass(frozen=True)

@@ -801,6 +801,7 @@ class Pipeline:
                 seed=self.config.seed,
                 show_progress=self.config.progress,
                 overwrite="images" in self.force,
+                writer_threads=cfg.writer_threads,
             )
         return self.path("images")
 
@@ -1302,6 +1303,11 @@ def _make_decoder(config: PipelineConfig, class_names: list[str], device: torch.
         width=cfg.width,
         output_size=cfg.save_size,
         progress=config.progress,
+        channels_last=cfg.channels_last,
+        fuse_qkv_projections=cfg.fuse_qkv_projections,
+        compile=cfg.compile,
+        compile_vae=cfg.compile_vae,
+        compile_mode=cfg.compile_mode,
     )
 
 

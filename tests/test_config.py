@@ -141,6 +141,8 @@ def test_toml_yaml_and_json_give_the_same_config(tmp_path: Path) -> None:
         ("[sampler]\nkeep = 5\ncandidates_per_anchor = 4\n", r"sampler.keep \(5\) must not exceed"),
         ("[generation]\nheight = 100\n", r"generation.height must be a multiple of 8"),
         ("[generation]\nprompt = 'a photo'\n", r"generation.prompt must hold exactly one"),
+        ("[generation]\ncompile_mode = 'fast'\n", r"generation.compile_mode must be one of 'default'"),
+        ("[generation]\nwriter_threads = -1\n", r"generation.writer_threads must be >= 0, got -1"),
         ("[training]\nhead = 'deep'\n", r"training.head must be one of 'linear', 'mlp', got 'deep'"),
         ("method = 'vos'\n", r"method must be one of"),
         (
@@ -219,3 +221,10 @@ def test_override_strings_round_trip(epochs: int, sigma: float, name: str) -> No
     assert config.training.epochs == epochs
     assert config.sampler.sigma == sigma
     assert config.output_dir == name  # a string key keeps the text as it is, even "123" or "[1]"
+
+
+def test_generation_compile_modes_are_the_decoders() -> None:
+    from dreamood.config import COMPILE_MODES
+    from dreamood.decoding.stable_diffusion import COMPILE_MODES as DECODER_COMPILE_MODES
+
+    assert COMPILE_MODES == DECODER_COMPILE_MODES

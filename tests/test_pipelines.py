@@ -503,3 +503,46 @@ def test_comparison_tables() -> None:
         "| a | 50.00 | 12.50 |",
         "| b | 100.00 | 0.00 |",
     ]
+
+
+def test_generation_speed_settings_reach_the_decoder_and_the_writer(
+    tmp_path: Path, tiny_sd: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dreamood.decoding.generation as generation
+    from dreamood.decoding.stable_diffusion import StableDiffusionDecoder
+
+    speedups: list[dict[str, object]] = []
+    enable = StableDiffusionDecoder.enable_speedups
+
+    def record(self: StableDiffusionDecoder, **options: object) -> StableDiffusionDecoder:
+        speedups.append(options)
+        return enable(self, **{**options, "compile_backend": "eager"})  # type: ignore[arg-type]
+
+    writers: list[object] = []
+    generate = generation.generate_images
+
+    def record_generate(*args: object, **options: object) -> object:
+        writers.append(options["writer_threads"])
+        return generate(*args, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(StableDiffusionDecoder, "enable_speedups", record)
+    monkeypatch.setattr(generation, "generate_images", record_generate)
+    settings = {"channels_last": False, "compile": True, "compile_mode": "max-autotune", "writer_threads": 0}
+    overrides = {"progress": False, **{f"generation.{key}": value for key, value in settings.items()}}
+    config, data = smoke_setup(load_config("cifar100", overrides), _run_dir(tmp_path / "run", tiny_sd))
+    pipeline = Pipeline(config, data)
+    anchors = pipeline.anchors()
+    pipeline.generate(pipeline.sample(pipeline.feature_bank(pipeline.fit_encoder(anchors)), anchors))
+    assert speedups == [
+        {
+            "sdpa": True,
+            "channels_last": False,
+            "fuse_qkv_projections": True,
+            "compile": True,
+            "compile_vae": False,
+            "compile_mode": "max-autotune",
+            "compile_backend": "inductor",
+        }
+    ]
+    assert writers == [0]
+    assert len(list((tmp_path / "run").rglob("*.png"))) > 0

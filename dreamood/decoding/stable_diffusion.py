@@ -71,6 +71,14 @@ def _make_scheduler(name: str, config: Any) -> Any:
     return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")  # type: ignore[no-untyped-call]
 
 
+def _dtype_keyword(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtype argument of diffusers' ``from_pretrained``: ``dtype`` from 0.40 on, ``torch_dtype`` before."""
+    import diffusers
+
+    major, minor = (int(part) for part in diffusers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (0, 40) else {"torch_dtype": dtype}
+
+
 def _resolve_dtype(torch_dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
     if torch_dtype is None:
         return torch.float16 if device.type == "cuda" else torch.float32
@@ -244,10 +252,9 @@ class StableDiffusionDecoder:
         dtype = _resolve_dtype(torch_dtype, target)
         source = resolve_pretrained(model_id_or_path, _SD_PARTS, local_files_only=local_files_only)
         try:
-            # Loaded in the stored precision and cast by ``to`` below: the dtype keyword of from_pretrained is
-            # spelt differently across diffusers versions.
             pipeline = StableDiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
                 source,
+                **_dtype_keyword(dtype),
                 safety_checker=None,
                 feature_extractor=None,
                 requires_safety_checker=False,
@@ -262,7 +269,7 @@ class StableDiffusionDecoder:
                 f"(e.g. `hf download {model_id_or_path} --local-dir <folder>`)"
             ) from error
         pipeline.scheduler = _make_scheduler(scheduler, pipeline.scheduler.config)
-        pipeline.to(target, dtype)
+        pipeline.to(target)
         decoder = cls(pipeline, class_names, **kwargs)
         return decoder.enable_speedups(
             sdpa=sdpa,
