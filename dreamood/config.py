@@ -302,6 +302,11 @@ class TrainConfig:
             with cross-entropy alone for this many epochs (at ``pretrain_lr``) and start from it.
         pretrain_lr: Learning rate of that cross-entropy pre-training.
         amp: ``"bf16"`` or ``"fp16"`` autocast, or none.
+        channels_last: Train in the channels-last memory format.
+        compile: Run the forward pass through ``torch.compile``.
+        compile_mode: ``torch.compile`` mode with ``compile``: none (its default), ``"default"``,
+            ``"reduce-overhead"``, ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``.
+        cudnn_benchmark: Let cuDNN time its convolution algorithms and keep the fastest (fixed input sizes).
     """
 
     backbone: str = "resnet34"
@@ -319,6 +324,10 @@ class TrainConfig:
     pretrain_epochs: int = 0
     pretrain_lr: float = 0.1
     amp: str | None = None
+    channels_last: bool = False
+    compile: bool = False
+    compile_mode: str | None = None
+    cudnn_benchmark: bool = False
 
     def __post_init__(self) -> None:
         _one_of(self.backbone, BACKBONES, "backbone")
@@ -332,6 +341,9 @@ class TrainConfig:
         _one_of(self.head, ("linear", "mlp"), "head")
         if self.amp is not None:
             _one_of(self.amp, ("bf16", "fp16"), "amp")
+        if self.compile_mode is not None:
+            _one_of(self.compile_mode, COMPILE_MODES, "compile_mode")
+            _require(self.compile, f"compile_mode={self.compile_mode!r} needs compile = true")
 
 
 @dataclass(frozen=True)

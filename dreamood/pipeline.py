@@ -114,6 +114,8 @@ ARTIFACTS: dict[str, str] = {
     "report": "report.json",
 }
 
+# Fields of TrainConfig passed to every train_classifier call as they are.
+_TRAINING_SPEED_OPTIONS = ("amp", "channels_last", "compile", "compile_mode", "cudnn_benchmark")
 # The file generate_images writes once every image of the folder exists.
 _MANIFEST = "manifest.jsonl"
 
@@ -832,7 +834,7 @@ class Pipeline:
             "beta": cfg.beta,
             "momentum": cfg.momentum,
             "weight_decay": cfg.weight_decay,
-            "amp": cfg.amp,
+            **{key: getattr(cfg, key) for key in _TRAINING_SPEED_OPTIONS},
             "device": self.config.device,
             "seed": self.config.seed,
             "progress": self.config.progress,
@@ -1137,7 +1139,8 @@ class Pipeline:
         cfg = self.config.training
         recipe = self._scratch_recipe()
         # The shared loop resumes from its per-epoch checkpoint; the baselines' own loops (GODIN, CutMix) do not.
-        loop = {**recipe, "amp": cfg.amp, "output_dir": folder / "training", "resume": True}
+        speed = {key: getattr(cfg, key) for key in _TRAINING_SPEED_OPTIONS}
+        loop = {**recipe, **speed, "output_dir": folder / "training", "resume": True}
         id_loader = self._loader(self.data.train, cfg.batch_size, shuffle=True)
         logger.info("[baseline %s] training for %d epochs", name, recipe["epochs"])
         start = time.perf_counter()

@@ -142,6 +142,7 @@ def test_toml_yaml_and_json_give_the_same_config(tmp_path: Path) -> None:
         ("[generation]\nheight = 100\n", r"generation.height must be a multiple of 8"),
         ("[generation]\nprompt = 'a photo'\n", r"generation.prompt must hold exactly one"),
         ("[generation]\ncompile_mode = 'fast'\n", r"generation.compile_mode must be one of 'default'"),
+        ("[training]\ncompile_mode = 'default'\n", r"training.compile_mode='default' needs compile = true"),
         ("[generation]\nwriter_threads = -1\n", r"generation.writer_threads must be >= 0, got -1"),
         ("[training]\nhead = 'deep'\n", r"training.head must be one of 'linear', 'mlp', got 'deep'"),
         ("method = 'vos'\n", r"method must be one of"),

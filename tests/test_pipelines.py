@@ -546,3 +546,26 @@ def test_generation_speed_settings_reach_the_decoder_and_the_writer(
     ]
     assert writers == [0]
     assert len(list((tmp_path / "run").rglob("*.png"))) > 0
+
+
+def test_training_speed_settings_reach_the_training_loop(
+    tmp_path: Path, tiny_sd: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dreamood.training as training
+
+    calls: list[dict[str, object]] = []
+    train = training.train_classifier
+
+    def record(*args: object, **options: object) -> object:
+        calls.append(options)
+        return train(*args, **{**options, "compile": False, "compile_mode": None})  # type: ignore[arg-type]
+
+    monkeypatch.setattr(training, "train_classifier", record)
+    settings = {"channels_last": True, "compile": True, "compile_mode": "reduce-overhead", "cudnn_benchmark": True}
+    overrides = {"progress": False, **{f"training.{key}": value for key, value in settings.items()}}
+    config, data = smoke_setup(load_config("cifar100", overrides), _run_dir(tmp_path / "run", tiny_sd))
+    pipeline = Pipeline(config, data)
+    anchors = pipeline.anchors()
+    pipeline.train(pipeline.generate(pipeline.sample(pipeline.feature_bank(pipeline.fit_encoder(anchors)), anchors)))
+    assert len(calls) == 1
+    assert {key: calls[0][key] for key in settings} == settings
