@@ -1066,8 +1066,8 @@ class Pipeline:
 
         * ``"cross-entropy"``: nothing appended (the reference, and the model MEMO adapts);
         * ``"randaugment"``, ``"autoaugment"``, ``"augmix"``, ``"cutmix"``: a fixed pool of augmented copies of the
-          training images (:class:`~dreamood.baselines.AugmentedPool`), read through ``generated_transform``;
-          CutMix's mixed labels train with :func:`~dreamood.baselines.train_supervised`;
+          training images (:class:`~dreamood.baselines.AugmentedPool`), read through ``generated_transform``
+          (CutMix's labels are mixtures, which the shared loop takes as target distributions);
         * ``"generic-prompts"``: the decoder's plain prompt ``"A high-quality photo of a {class}"`` rendered with
           the seeds scheme of DREAM-ID's images (:func:`~dreamood.baselines.generate_generic_prompt_images`);
         * ``"memo"``: the ``"cross-entropy"`` model adapted to every test image (Zhang et al., NeurIPS 2022).
@@ -1131,14 +1131,15 @@ class Pipeline:
             logger.info("[baseline %s] classifier loaded from %s", name, path)
             model.load_state_dict(_saved_weights(path))
             return model.to(self.device).eval()
-        from dreamood.baselines import GodinClassifier, UniformKLRegularizer, train_godin, train_supervised
+        from dreamood.baselines import GodinClassifier, UniformKLRegularizer, train_godin
         from dreamood.training import train_classifier
 
         gan = self._new_gan() if name == "gan" else None  # checks the image size before anything is trained
 
         cfg = self.config.training
         recipe = self._scratch_recipe()
-        # The shared loop resumes from its per-epoch checkpoint; the baselines' own loops (GODIN, CutMix) do not.
+        # Every baseline trains with the shared loop, so a killed run resumes from its last per-epoch checkpoint
+        # in training/ (the GAN's generator is not in that checkpoint, so the GAN restarts instead).
         speed = {key: getattr(cfg, key) for key in _TRAINING_SPEED_OPTIONS}
         loop = {**recipe, **speed, "output_dir": folder / "training", "resume": True}
         id_loader = self._loader(self.data.train, cfg.batch_size, shuffle=True)
@@ -1146,7 +1147,7 @@ class Pipeline:
         start = time.perf_counter()
         _seed_global_rngs(self.config.seed)  # the image augmentations draw from the global generators
         if isinstance(model, GodinClassifier):
-            train_godin(model, id_loader, **recipe)
+            train_godin(model, id_loader, **loop)
         elif gan is not None:
             real_loader = self._loader(self.data.train, cfg.batch_size, shuffle=True, seed=self.config.seed + 1)
             train_classifier(
@@ -1162,10 +1163,7 @@ class Pipeline:
             train_classifier(model, id_loader, **loop)
         else:
             extra = self._loader(self._appended_images(name), cfg.outlier_batch_size, shuffle=True)
-            if name == "cutmix":  # mixed labels: the loop that takes target distributions
-                train_supervised(model, id_loader, synthetic_id_loader=extra, **recipe)
-            else:
-                train_classifier(model, id_loader, synthetic_id_loader=extra, **loop)
+            train_classifier(model, id_loader, synthetic_id_loader=extra, **loop)
         if _is_main_process():
             save_checkpoint(path, {"model": model.state_dict()})
         _barrier()

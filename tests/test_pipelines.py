@@ -7,7 +7,7 @@ import importlib.util
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -425,6 +425,28 @@ def test_ood_baselines_of_the_cifar100_smoke(cifar_run: tuple[Path, str]) -> Non
     scores = {float(epsilon): value for epsilon, value in choice["validation_scores"].items()}
     assert len(scores) == 7 and choice["epsilon"] == max(scores, key=lambda epsilon: scores[epsilon])
     assert [row.name for row in reports["godin"].rows] == list(pipe.data.ood)
+    _check_baseline_resumes(pipe, "godin", pipe.ood_baseline)
+
+
+def _check_baseline_resumes(pipe: Pipeline, name: str, rerun: Callable[[str], object]) -> None:
+    """The baseline trained with the shared loop: a run killed after its last epoch resumes, trains nothing more."""
+    from dreamood.io import load_checkpoint
+
+    folder = pipe.baseline_dir(name)
+    checkpoint = folder / "training" / "checkpoint.pt"
+    state = load_checkpoint(checkpoint)
+    assert state["epoch"] == state["epochs"] > 0
+    assert all(epoch["ood_steps"] == 0 for epoch in state["history"])
+    result, classifier = pipe.baseline_path(name), folder / "classifier.pt"
+    saved, weights = result.read_text(), torch.load(classifier, weights_only=True)["model"]
+    written = checkpoint.stat().st_mtime_ns
+    for file in (result, classifier, folder / "godin.json"):
+        file.unlink(missing_ok=True)  # killed once the loop had finished, before the classifier was saved
+    rerun(name)
+    assert checkpoint.stat().st_mtime_ns == written  # resumed from the last epoch: no epoch trained again
+    assert result.read_text() == saved
+    for key, value in torch.load(classifier, weights_only=True)["model"].items():
+        assert torch.equal(value, weights[key]), key
 
 
 def _check_generalization_baselines(out: Path, pipe: Pipeline, printed: str) -> None:
@@ -457,11 +479,11 @@ def _check_generalization_baselines(out: Path, pipe: Pipeline, printed: str) -> 
     assert np.bincount([r["class_index"] for r in records]).tolist() == [per_class] * 4
     assert len({r["seed"] for r in records}) == len(records)
     # The augmentation baselines appended per_class copies per class at every step of the shared loop.
-    for name in ("randaugment", "autoaugment", "augmix", "cross-entropy", "generic-prompts"):
+    for name in ("randaugment", "autoaugment", "augmix", "cutmix", "cross-entropy", "generic-prompts"):
         history = json.loads((out / "baselines" / name / "training" / "metrics.json").read_text())["history"]
         assert all(epoch["ood_steps"] == 0 for epoch in history)
-    assert not (out / "baselines" / "cutmix" / "training").exists()  # CutMix's own loop writes no checkpoint
-    assert (out / "baselines" / "cutmix" / "classifier.pt").is_file()
+    # CutMix's mixed labels train with the shared loop too, which checkpoints every epoch and resumes.
+    _check_baseline_resumes(pipe, "cutmix", pipe.generalization_baseline)
 
 
 def test_baseline_names_and_settings(tmp_path: Path) -> None:

@@ -15,8 +15,9 @@ Generalisation (DREAM-ID, Tables 4 and 5):
 * MEMO test-time adaptation (Zhang et al., NeurIPS 2022): :class:`MEMO`.
 * :func:`classification_accuracy` and :func:`rotate_images` for an accuracy table on shifted data.
 
-:func:`train_supervised` is the plain loop for what the shared loop cannot train yet (GODIN's weight-decay
-exemption, CutMix's mixed labels).
+Every baseline that trains a classifier trains with :func:`~dreamood.training.train_classifier`, GODIN's
+weight-decay exemption and CutMix's mixed labels included, so checkpoints, ``resume``, AMP and ``torchrun`` apply
+to all of them. :func:`train_supervised` is ``train_classifier`` without outliers, kept under its older name.
 """
 
 from dreamood.baselines.augmentation import (

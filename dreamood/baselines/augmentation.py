@@ -11,8 +11,8 @@ augmentations directly to the training batches (Table 5):
 * AugMix (Hendrycks, Mu, Cubuk, Zoph, Gilmer, Lakshminarayanan, ICLR 2020): ``torchvision.transforms.AugMix``
   with 3 chains and Dirichlet/Beta parameter 1;
 * CutMix (Yun, Han, Oh, Chun, Choe, Yoo, ICCV 2019): ``torchvision.transforms.v2.CutMix`` with Beta parameter 1,
-  applied to every batch (probability 1); its labels are mixtures, so it trains with
-  :func:`~dreamood.baselines.train_supervised`.
+  applied to every batch (probability 1); its labels are mixtures, target distributions that
+  :func:`~dreamood.training.train_classifier` takes as labels.
 
 :class:`AugmentedPool` is the appended set (fixed augmented copies, ``num_per_class`` per class, as many as
 DREAM-ID generates); :class:`AugmentedLoader` augments every batch of a loader anew each epoch. Both take image
@@ -173,7 +173,7 @@ class AugmentedPool(Dataset[tuple[Tensor, Any]]):
     torchvision's mixture ``lambda * onehot(y) + (1 - lambda) * onehot(y_partner)``, a float ``(num_classes,)``
     row; for the other methods the label is the source's ``int`` label, so
     ``DataLoader(pool)`` can be the ``synthetic_id_loader`` of :func:`~dreamood.training.train_classifier`
-    (CutMix: of :func:`~dreamood.baselines.train_supervised`).
+    (which takes CutMix's rows as target distributions).
 
     Args:
         dataset: A map-style dataset of ``(image, label)`` items; images are tensors ``(C, H, W)`` in ``[0, 1]``
@@ -282,10 +282,10 @@ class AugmentedLoader:
 
     Single-image methods augment each image of the batch (its labels are kept); CutMix mixes the batch as
     torchvision does (image ``i`` gets a box of image ``i - 1`` of the batch, one ``lambda`` per batch) and returns
-    target distributions ``(N, num_classes)``, for :func:`~dreamood.baselines.train_supervised`. Batch ``b`` of
-    pass ``e`` draws its randomness from a seed derived from ``(seed, e, b)``; the pass counter starts at 0 and
-    advances at every ``iter()`` (:meth:`set_epoch` sets it). With a single-image method the wrapper can be the
-    ``id_loader`` of :func:`~dreamood.training.train_classifier` in a single process; it exposes the wrapped
+    target distributions ``(N, num_classes)``, which :func:`~dreamood.training.train_classifier` takes as labels.
+    Batch ``b`` of pass ``e`` draws its randomness from a seed derived from ``(seed, e, b)``; the pass counter
+    starts at 0 and advances at every ``iter()`` (:meth:`set_epoch` sets it). With any method the wrapper can be
+    the ``id_loader`` of :func:`~dreamood.training.train_classifier` in a single process; it exposes the wrapped
     loader's ``sampler`` and ``generator`` so the loop's checkpoints keep its shuffling state. When resuming a
     run at epoch ``e``, call ``set_epoch(e)`` first so that the resumed epochs draw the same augmentations.
 

@@ -540,9 +540,9 @@ def _train(
 ) -> nn.Module:
     """Train ``model`` on the ID training digits (with ``options``: outliers, extra images, ...), in place.
 
-    ``train`` is the training function (default: :func:`~dreamood.training.train_classifier`, which writes its
-    checkpoint and history to ``seed_dir/classifiers/<key>/``); the baselines' own loops write nothing, so
-    their weights are saved there as ``model.pt``. Every model sees the same ID batches in the same order.
+    ``train`` is the training function: :func:`~dreamood.training.train_classifier` by default, or a wrapper of
+    it such as :func:`~dreamood.baselines.train_godin`. Either writes its checkpoint and history to
+    ``seed_dir/classifiers/<key>/``. Every model sees the same ID batches in the same order.
 
     Returns:
         The trained model, in eval mode.
@@ -551,11 +551,7 @@ def _train(
 
     folder = seed_dir / "classifiers" / key
     id_loader = _loader(data.train_images, data.train_labels, config.classifier_batch_size, shuffle_seed=recipe.seed)
-    if train is None:
-        result = train_classifier(model, id_loader, replace(recipe, output_dir=folder), **options)
-    else:
-        result = train(model, id_loader, recipe, **options)
-        save_checkpoint(folder / "model.pt", {"model": model.state_dict()})
+    result = (train or train_classifier)(model, id_loader, replace(recipe, output_dir=folder), **options)
     run.train_accuracy[key] = result.final.accuracy
     return model.eval()
 
@@ -812,19 +808,17 @@ def _train_generalization(
 ) -> dict[str, nn.Module]:
     """The classifier of model (a) trained from scratch on the training digits plus each method's extra images.
 
-    Every step adds a batch of the extra images to the ID batch, as DREAM-ID's training does (paper Sec. 5).
+    Every step adds a batch of the extra images to the ID batch, as DREAM-ID's training does (paper Sec. 5);
+    CutMix's mixed labels are target distributions, which :func:`~dreamood.training.train_classifier` takes as
+    they are.
     """
-    from dreamood.baselines import train_supervised
-
     recipe = _recipe(config, seed, device)
     models: dict[str, nn.Module] = {}
     for key, (images, labels) in extra.items():
         with _seeded(seed):
             model = _classifier(config, data.num_classes)
         synthetic = _loader(images, labels, config.classifier_batch_size, shuffle_seed=seed + 1)
-        # Mixed (CutMix) labels need the loop that takes target distributions.
-        train = train_supervised if labels.is_floating_point() else None
-        models[key] = _train(key, model, config, data, recipe, seed_dir, run, train, synthetic_id_loader=synthetic)
+        models[key] = _train(key, model, config, data, recipe, seed_dir, run, synthetic_id_loader=synthetic)
     return models
 
 
