@@ -14,7 +14,7 @@ import json
 import math
 import re
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -41,14 +41,6 @@ from dreamood.training import EnergyOODRegularizer, TrainingConfig, train_classi
 PACKAGE_DIR = Path(dreamood.__file__).resolve().parent
 NAN = float("nan")
 INF = float("inf")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- shared inputs ---------------------------------------------------------------------------------------------

@@ -8,11 +8,9 @@ import json
 import subprocess
 import sys
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 import dreamood
 from dreamood.cli import main
@@ -20,14 +18,6 @@ from dreamood.config import PipelineConfig
 from dreamood.pipeline import STAGES, smoke_setup
 
 STAGE_COMMANDS = ("anchors", "fit-encoder", "sample", "generate", "train", "evaluate")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

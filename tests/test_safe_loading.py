@@ -64,14 +64,6 @@ def marker(tmp_path: Path) -> Iterator[Path]:
     assert not path.exists(), "the malicious pickle was executed"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _loader() -> DataLoader[Any]:
     return DataLoader(TensorDataset(torch.randn(8, 4), torch.arange(8) % 2), batch_size=4)
 

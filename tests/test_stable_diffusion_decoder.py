@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,6 @@ TEMPLATE = "A high-quality photo of a {}"
 CLASSES = ["cat", "dog", "zebra"]  # "zebra" is several tokens for the tiny tokenizer
 SIZE = 32
 STEPS = 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # These networks are tiny: one thread is faster than several, much faster on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -476,6 +466,26 @@ def test_cuda_half_precision_matches_the_plain_pipeline(tmp_path: Path) -> None:
     assert images.device.type == "cuda"
     assert images.dtype == torch.float32
     torch.testing.assert_close(images, reference.float(), atol=2e-3, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fast_generation_matches_the_plain_pipeline(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from dreamood.decoding.generation import generate_images, image_seed
+    from dreamood.sampling.samples import EmbeddingSamples
+
+    pipeline = tiny_stable_diffusion_pipeline(tmp_path / "tokenizer").to("cuda", torch.float16)
+    # generate_images seeds image 0 of a generation seeded with 0 by image_seed(0, 0).
+    reference = _reference_images(pipeline, TEMPLATE.format("cat"), image_seed(0, 0)).float().cpu()[0]
+    decoder = StableDiffusionDecoder(
+        pipeline, CLASSES, num_inference_steps=STEPS, height=SIZE, width=SIZE, progress=False
+    ).enable_speedups(channels_last=True, fuse_qkv_projections=True, compile=True, compile_vae=True)
+    samples = EmbeddingSamples(_anchor(pipeline, "cat")[None].float(), torch.tensor([0]))
+    generate_images(decoder, samples, tmp_path / "out", seed=0, show_progress=False)
+    with Image.open(tmp_path / "out" / "0" / "000000.png") as image:
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).float() / 255.0
+    torch.testing.assert_close(pixels, reference, atol=3 / 255, rtol=0)
 
 
 def test_config_identifies_the_output_settings(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ import copy
 import json
 import math
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +18,6 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from dreamood.errors import ArtifactError, NonFiniteError
 from dreamood.evaluation import OODEvaluator, energy_score, ood_metrics
 from dreamood.training import EnergyOODRegularizer, TrainingConfig, train_classifier
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models run far faster on one thread, above all on a shared, busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _mlp(seed: int = 0, width: int = 8, classes: int = 3) -> nn.Sequential:

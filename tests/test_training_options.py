@@ -20,14 +20,6 @@ from dreamood.training import EnergyOODRegularizer, TrainingConfig, soft_cross_e
 from dreamood.training import loop as training_loop
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def _restore_cudnn_benchmark() -> Iterator[None]:
     saved = torch.backends.cudnn.benchmark

@@ -7,6 +7,7 @@ Reference: Du, Sun, Zhu, Li, "Dream the Impossible: Outlier Imagination with Dif
 
 from __future__ import annotations
 
+import importlib.util
 import operator
 import os
 import pickle
@@ -259,6 +260,8 @@ class StableDiffusionDecoder:
                 feature_extractor=None,
                 requires_safety_checker=False,
                 local_files_only=local_files_only,
+                # What diffusers falls back to without accelerate anyway, minus its warning on every load.
+                low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
             )
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError) as error:
             detail = " ".join(str(error).split())[:300] or type(error).__name__

@@ -624,8 +624,8 @@ def build_blocks(metrics: dict[str, Any]) -> list[Block]:
                 ("seed-*/artifacts/: also the DREAM-ID inlier embeddings",),
                 ("seed-*/inliers/: the decoded DREAM-ID inliers with their manifest",),
                 (
-                    "seed-*/classifiers/: checkpoint and training history of each classifier (GODIN and CutMix, "
-                    "trained by their own loops: model.pt; the GAN's DCGAN: gan/dcgan.pt)",
+                    "seed-*/classifiers/: checkpoint and training history of each classifier (the GAN's DCGAN: "
+                    "gan/dcgan.pt)",
                 ),
                 ("seed-*/reports/: one OOD report (JSON) per method",),
             ),
