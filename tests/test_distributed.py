@@ -96,17 +96,7 @@ def _worker(out: Path) -> None:
 
 @pytest.mark.slow
 def test_two_processes_match_single_process_training(tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        __file__,
-        str(tmp_path),
-    ]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    completed = _torchrun(str(tmp_path))
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
 
     threads = torch.get_num_threads()
@@ -179,5 +169,44 @@ def test_gather_rows_is_identity_in_a_single_process() -> None:
     assert gather_rows(rows, DistributedContext()) is rows
 
 
+def _bad_label_worker(out: Path) -> None:
+    """Train where one sample (so one process's shard) has a label out of range; record what each rank raised."""
+    import torch.distributed as dist
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, generator=generator), torch.randint(0, 4, (32,), generator=generator)
+    y[13] = 7
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4))
+    try:
+        loader = DataLoader(TensorDataset(x, y), batch_size=BATCH)
+        train_classifier(model, loader, epochs=1, sync_every=3, device="cpu", progress=False)
+        message = "no error"
+    except ValueError as error:
+        message = str(error)
+    (out / f"error_rank{dist.get_rank()}.txt").write_text(message)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _torchrun(*arguments: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*command, *arguments], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_bad_label_on_one_process_stops_every_process_at_the_same_step(tmp_path: Path) -> None:
+    completed = _torchrun(str(tmp_path), "bad-label")
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    messages = sorted((tmp_path / f"error_rank{rank}.txt").read_text() for rank in (0, 1))
+    # Sample 13 is in the second global batch of eight (step 2), on one process only.
+    assert messages[0].startswith("another process found labels out of range") and "(epoch 1, step 2)" in messages[0]
+    assert messages[1].startswith("labels must lie in [0, 4)") and "to 7 (epoch 1, step 2)" in messages[1]
+
+
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]))
+    if sys.argv[2:] == ["bad-label"]:
+        _bad_label_worker(Path(sys.argv[1]))
+    else:
+        _worker(Path(sys.argv[1]))

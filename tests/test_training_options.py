@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dreamood.errors import NonFiniteError
 from dreamood.training import EnergyOODRegularizer, TrainingConfig, soft_cross_entropy, train_classifier
-from dreamood.training import loop as training_loop
 
 
 @pytest.fixture
@@ -355,9 +354,9 @@ def test_a_step_on_target_distributions_matches_float64() -> None:
 @pytest.mark.parametrize(
     ("id_targets", "syn_targets", "error", "message"),
     [
-        (torch.full((4, 3), 2 / 3), None, ValueError, "id_loader target distributions must have non-negative rows"),
+        (torch.full((4, 3), 2 / 3), None, ValueError, r"rows summing to 1, got 4 other row\(s\) \(epoch 1, step 1\)"),
         (torch.full((4, 4), 0.25), None, ValueError, "the target distributions have 4 columns, but the model has 3"),
-        (torch.full((4, 3), 1 / 3), torch.tensor([0, 3]), ValueError, r"labels must lie in \[0, 3\) to match"),
+        (torch.full((4, 3), 1 / 3), torch.tensor([0, 3]), ValueError, r"labels must lie in \[0, 3\) for a model"),
         (torch.full((4, 3), 1 / 3), torch.full((2, 4), 0.25), ValueError, "id_loader: 3, synthetic_id_loader: 4"),
         (torch.zeros(4, 3, dtype=torch.long), None, TypeError, r"labels must be a 1-D integer tensor or \(N, C\)"),
     ],
@@ -402,43 +401,24 @@ def test_feature_sampler_refuses_target_distributions() -> None:
         )
 
 
-# ---- label checks on the device, reported at the read-back -------------------------------------------------------
+# ---- label checks, computed where the labels are and reported at the read-back --------------------------------------
 
 
-@pytest.fixture
-def _deferred_checks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Check label values as for labels on a GPU: on the tensors' device, read back with the statistics."""
-    monkeypatch.setattr(training_loop._TrainingRun, "_defer_label_checks", lambda self, targets: True)
-
-
-def _deferred_run(id_targets: Tensor, syn_targets: Tensor, **options: Any) -> tuple[nn.Module, Any]:
+def _labels_run(id_targets: Tensor, syn_targets: Tensor, **options: Any) -> tuple[nn.Module, Any]:
     generator = torch.Generator().manual_seed(6)
     x, x_syn = torch.randn(12, 2, generator=generator), torch.randn(6, 2, generator=generator)
     return _labelled_run(id_targets, syn_targets, x, x_syn, **options)
 
 
-def test_labels_checked_on_the_device_train_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
-    y, y_syn = torch.arange(12) % 3, torch.tensor([0, 2, 1, 1, 0, 2])
-    mixed = torch.softmax(torch.randn(6, 3, generator=torch.Generator().manual_seed(7)), dim=1)
-    runs = []
-    for defer in (False, True):
-        monkeypatch.setattr(training_loop._TrainingRun, "_defer_label_checks", lambda self, targets, d=defer: d)
-        runs.append([_deferred_run(y, y_syn, sync_every=4), _deferred_run(y, mixed, sync_every=4)])
-    for (immediate_model, immediate), (deferred_model, deferred) in zip(*runs):
-        assert _same_weights(immediate_model, deferred_model)
-        assert _strip(immediate.history) == _strip(deferred.history)
-
-
-@pytest.mark.usefixtures("_deferred_checks")
-def test_labels_checked_on_the_device_fail_at_the_read_back_naming_the_step() -> None:
+def test_label_values_fail_at_the_read_back_naming_the_step() -> None:
     y = torch.arange(12) % 3
     y[5] = 3  # second batch of four
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\).*from 0 to 3 \(epoch 1, step 2\)"):
-        _deferred_run(y, torch.zeros(6, dtype=torch.long), sync_every=10)
+        _labels_run(y, torch.zeros(6, dtype=torch.long), sync_every=10)
     y[5] = -1
     with pytest.raises(ValueError, match=r"from -1 to 1 \(epoch 1, step 2\)"):
-        _deferred_run(y, torch.zeros(6, dtype=torch.long), sync_every=10)
+        _labels_run(y, torch.zeros(6, dtype=torch.long), sync_every=10)
     bad_rows = torch.full((6, 3), 1 / 3)
     bad_rows[4] = torch.tensor([0.5, 0.6, -0.1])  # sums to 1 but has a negative entry; second batch of three
     with pytest.raises(ValueError, match=r"summing to 1, got 1 other row\(s\) \(epoch 1, step 2\)"):
-        _deferred_run(torch.arange(12) % 3, bad_rows, sync_every=10)
+        _labels_run(torch.arange(12) % 3, bad_rows, sync_every=10)

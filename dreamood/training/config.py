@@ -42,7 +42,7 @@ class TrainingConfig:
         cudnn_benchmark: Set ``torch.backends.cudnn.benchmark`` (cuDNN times its convolution algorithms and keeps
             the fastest) while :func:`~dreamood.training.train_classifier` runs, and restore the previous value
             afterwards; ``False`` leaves the setting as it is.
-        sync_every: Read the step statistics (losses, accuracy counts, deferred label checks) back from the
+        sync_every: Read the step statistics (losses, accuracy counts, label checks) back from the
             device every this many steps (default 10) and at the end of every epoch, so the host does not wait
             for the device at every step; the epoch metrics do not depend on it. A non-finite loss is reported at
             the next read-back and names the first bad step, but by then that step and up to ``sync_every - 1``

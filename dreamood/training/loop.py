@@ -45,6 +45,8 @@ CHECKPOINT_FORMAT = "dreamood.training"
 """Value of the ``"format"`` entry of every checkpoint this loop writes."""
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# Values a step leaves on the device (see _PendingStep).
+_STEP_VALUES = 9
 METRICS_NAME = "metrics.json"
 
 
@@ -95,8 +97,9 @@ def train_classifier(
     run exactly (same device and number of processes).
 
     The host reads the step statistics back from the device every ``sync_every`` steps (and at the end of
-    every epoch) rather than at every step; labels that arrive on the device are range-checked on it and
-    reported at the same read-backs, so a step does not wait for the previous one to finish.
+    every epoch) rather than at every step, so a step does not wait for the previous one to finish. Label values
+    (the range of integer labels, target distributions that are not distributions) are checked where the
+    labels are and reported at the same read-backs, by every process at the same step under ``torchrun``.
 
     Args:
         model: The classifier, an ``nn.Module`` mapping images to logits ``(N, C)``; it holds every trained
@@ -329,25 +332,20 @@ def _labelled_batch(batch: Any, name: str) -> tuple[Tensor, Tensor]:
     return images, labels
 
 
-def _combine_targets(
-    targets: list[Tensor], names: list[str], defer: bool
-) -> tuple[Tensor, tuple[int, int] | None, Tensor | None]:
+def _combine_targets(targets: list[Tensor], names: list[str]) -> tuple[Tensor, Tensor]:
     """Concatenate a step's labels: integers ``(N,)``, or distributions ``(N, C)`` if any loader yields them.
 
-    With a target distribution among them, integer labels become one-hot rows. Returns the targets, the range
-    of the integer labels (checked against the model's outputs after the forward pass) and ``None``; or, with
-    ``defer``, ``None`` and a tensor ``[lowest label, highest label, rows that are not distributions]`` computed
-    on the labels' device, checked at the next read-back instead of synchronising now (out-of-range labels are
-    clamped meanwhile, so the device never indexes outside the logits).
+    With a target distribution among them, integer labels become one-hot rows (clamped to the columns). Also
+    returns ``[lowest integer label, highest integer label, rows that are not distributions]``, computed where
+    the labels are without waiting for them; the values are checked at the next read-back (see
+    ``_TrainingRun._step``), so labels that are already on the GPU never stall a step.
     """
     hard = [t for t in targets if t.dim() == 1]
     soft = [t for t in targets if t.dim() == 2]
     labels = torch.cat(hard) if hard else None
     if not soft:
         assert labels is not None
-        if defer:
-            return labels, None, torch.stack([labels.min(), labels.max(), labels.new_zeros(())]).double()
-        return labels, (int(labels.min()), int(labels.max())), None
+        return labels, torch.stack([labels.min(), labels.max(), labels.new_zeros(())]).double()
 
     widths = {t.shape[1] for t in soft}
     if len(widths) > 1:
@@ -355,24 +353,11 @@ def _combine_targets(
         raise ValueError(f"the target distributions must all have one column per class, got {found} columns")
     num_classes = widths.pop()
     dtype = functools.reduce(torch.promote_types, [t.dtype for t in soft])
-    if defer:
-        bad = torch.stack([bad_distribution_rows(t) for t in soft]).sum()
-        extremes = [bad.new_zeros(()), bad.new_zeros(())] if labels is None else [labels.min(), labels.max()]
-        checks = torch.stack([*extremes, bad]).double()
-        rows = [t if t.dim() == 2 else F.one_hot(t.clamp(0, num_classes - 1), num_classes) for t in targets]
-        return torch.cat([row.to(dtype) for row in rows]), None, checks
-    for t, name in zip(targets, names):
-        if t.dim() == 2 and int(bad_distribution_rows(t)):
-            raise ValueError(f"{name} target distributions must have non-negative rows summing to 1")
-    if labels is not None:
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= num_classes:
-            raise ValueError(
-                f"labels must lie in [0, {num_classes}) to match the target distributions' {num_classes} columns, "
-                f"got labels from {low} to {high}"
-            )
-    rows = [t if t.dim() == 2 else F.one_hot(t, num_classes) for t in targets]
-    return torch.cat([row.to(dtype) for row in rows]), None, None
+    bad = torch.stack([bad_distribution_rows(t) for t in soft]).sum()
+    extremes = [bad.new_zeros(()), bad.new_zeros(())] if labels is None else [labels.min(), labels.max()]
+    checks = torch.stack([e.to(bad.device) for e in extremes] + [bad]).double()
+    rows = [t if t.dim() == 2 else F.one_hot(t.clamp(0, num_classes - 1), num_classes) for t in targets]
+    return torch.cat([row.to(dtype) for row in rows]), checks
 
 
 def _image_batch(batch: Any, name: str) -> Tensor:
@@ -391,26 +376,21 @@ def _check_same_kind(images: Tensor, reference: Tensor, name: str) -> None:
         )
 
 
-def _check_label_range(low: float, high: float, num_outputs: int) -> None:
-    if low < 0 or high >= num_outputs:
-        raise ValueError(
-            f"labels must lie in [0, {num_outputs}) for a model with {num_outputs} outputs, got labels from "
-            f"{low:.0f} to {high:.0f}"
-        )
-
-
-def _check_deferred_labels(checks: list[float], item: _PendingStep) -> None:
-    """Raise for the label checks ``[lowest, highest, bad rows]`` that a step computed on the device."""
+def _check_labels(checks: list[float], item: _PendingStep) -> None:
+    """Raise for a step whose labels some process found invalid; ``checks`` are this process's
+    ``[lowest label, highest label, bad rows]``."""
     low, high, bad_rows = checks
     where = f" (epoch {item.epoch + 1}, step {item.step + 1})"
-    try:
-        _check_label_range(low, high, item.num_outputs)
-    except ValueError as error:
-        raise ValueError(f"{error}{where}") from None
+    if low < 0 or high >= item.num_outputs:
+        raise ValueError(
+            f"labels must lie in [0, {item.num_outputs}) for a model with {item.num_outputs} outputs, got labels "
+            f"from {low:.0f} to {high:.0f}{where}"
+        )
     if bad_rows:
         raise ValueError(
             f"target distributions must have non-negative rows summing to 1, got {bad_rows:.0f} other row(s){where}"
         )
+    raise ValueError(f"another process found labels out of range or rows that are not distributions{where}")
 
 
 def _cosine_schedule(total_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -441,8 +421,7 @@ class _Batch:
     inputs: Tensor
     inverse: Tensor | None
     target: Tensor  # integer labels (N,) or target distributions (N, C)
-    label_range: tuple[int, int] | None  # of the integer labels, when checked on the host
-    label_checks: Tensor | None  # [lowest label, highest label, bad rows], when checked at the read-back
+    label_checks: Tensor  # [lowest integer label, highest integer label, bad rows], checked at the read-back
     n_id: int
     n_labelled: int
     has_outliers: bool
@@ -450,14 +429,14 @@ class _Batch:
 
 @dataclass(frozen=True)
 class _PendingStep:
-    """A step whose statistics are still on the device: ``values`` holds the all-reduced sums
-    ``[loss, ce, ood, correct, count]``, followed by this process's ``label_checks`` when there are any."""
+    """A step whose statistics are still on the device: ``values`` holds the sums over processes of
+    ``[loss, ce, ood, correct, count, processes with invalid labels]``, then this process's label checks
+    ``[lowest label, highest label, bad rows]``."""
 
     epoch: int
     step: int
     has_ood: bool
     num_outputs: int
-    has_label_checks: bool
     values: Tensor
 
 
@@ -750,7 +729,8 @@ class _TrainingRun:
     def _read_back(self, pending: list[_PendingStep]) -> list[_StepStats]:
         """Copy the pending steps' statistics to the host at once and check them in step order.
 
-        Every process holds the same all-reduced sums, so all of them raise at the same step.
+        Every process holds the same sums over processes, so all of them raise at the same step, also when only
+        one of them saw invalid labels.
         """
         if not pending:
             return []
@@ -759,12 +739,11 @@ class _TrainingRun:
         results = []
         offset = 0
         for item in pending:
-            size = 8 if item.has_label_checks else 5
-            row = values[offset : offset + size]
-            offset += size
-            total_loss, total_ce, total_ood, n_correct, n_seen = row[:5]
-            if item.has_label_checks:
-                _check_deferred_labels(row[5:], item)
+            row = values[offset : offset + _STEP_VALUES]
+            offset += _STEP_VALUES
+            total_loss, total_ce, total_ood, n_correct, n_seen, invalid = row[:6]
+            if invalid:
+                _check_labels(row[6:], item)
             result = _StepStats(
                 loss=total_loss / world,
                 ce=total_ce / world,
@@ -796,15 +775,6 @@ class _TrainingRun:
             )
         return virtual.detach().to(self.device, torch.float32)
 
-    def _defer_label_checks(self, targets: list[Tensor]) -> bool:
-        """Check label values on the device (at the next read-back) when they are there already.
-
-        Reading them on the host would wait for the device. A feature sampler gets the labels of every step,
-        so with one the values are checked before the step, as they are for labels on the CPU (which costs
-        nothing).
-        """
-        return self.feature_sampler is None and any(t.device.type != "cpu" for t in targets)
-
     def _assemble(self, batch: Any, outliers: _Cycle | None, synthetic: _Cycle | None) -> _Batch:
         """Concatenate ID, generated-inlier and outlier images, shuffle them, and move them to the device."""
         images, labels = _labelled_batch(batch, "id_loader")
@@ -824,7 +794,7 @@ class _TrainingRun:
                 "feature_sampler needs integer labels (it models each class), but a loader yields target "
                 "distributions (N, C)"
             )
-        target, label_range, label_checks = _combine_targets(targets, names, self._defer_label_checks(targets))
+        target, label_checks = _combine_targets(targets, names)
 
         inputs, inverse = images, None
         if len(parts) > 1:
@@ -840,8 +810,7 @@ class _TrainingRun:
             inputs=inputs,
             inverse=inverse,
             target=target.to(self.device, non_blocking=True),
-            label_range=label_range,
-            label_checks=None if label_checks is None else label_checks.to(self.device, non_blocking=True),
+            label_checks=label_checks.to(self.device, non_blocking=True),
             n_id=images.shape[0],
             n_labelled=target.shape[0],
             has_outliers=outliers is not None,
@@ -862,12 +831,8 @@ class _TrainingRun:
                     f"the target distributions have {target.shape[1]} columns, but the model has {num_outputs} outputs"
                 )
             ce = distribution_cross_entropy(labelled, target)
-        else:
-            if batch.label_range is not None:
-                _check_label_range(*batch.label_range, num_outputs)
-            else:  # checked at the read-back; clamped so the device never indexes outside the logits
-                target = target.clamp(0, num_outputs - 1)
-            ce = F.cross_entropy(labelled, target)
+        else:  # checked at the read-back; clamped so the device never indexes outside the logits
+            ce = F.cross_entropy(labelled, target.clamp(0, num_outputs - 1))
         ood_logits = [logits[batch.n_labelled :]] if batch.has_outliers else []
         if virtual_logits is not None:
             ood_logits.append(virtual_logits)
@@ -903,6 +868,9 @@ class _TrainingRun:
         id_target = assembled.target[:n_id]
         id_labels = id_target if id_target.dim() == 1 else id_target.argmax(dim=1)
         correct = (logits[:n_id].argmax(dim=1) == id_labels).sum()
+        num_outputs = logits.shape[1]
+        low, high, bad_rows = assembled.label_checks
+        invalid = (low < 0) | (high >= num_outputs) | (bad_rows > 0)
         stats = torch.stack(
             [
                 loss.detach().double(),
@@ -910,21 +878,11 @@ class _TrainingRun:
                 (ood.detach() if ood is not None else torch.zeros_like(ce)).double(),
                 correct.double(),
                 torch.full_like(correct, n_id).double(),
+                invalid.double(),
             ]
         )
-        values = all_reduce_sum(stats, self.context)
-        if assembled.label_checks is not None:
-            values = torch.cat([values, assembled.label_checks])
-        record(
-            _PendingStep(
-                epoch=epoch,
-                step=step,
-                has_ood=ood is not None,
-                num_outputs=logits.shape[1],
-                has_label_checks=assembled.label_checks is not None,
-                values=values,
-            )
-        )
+        values = torch.cat([all_reduce_sum(stats, self.context), assembled.label_checks])
+        record(_PendingStep(epoch=epoch, step=step, has_ood=ood is not None, num_outputs=num_outputs, values=values))
 
         torch.autograd.backward(self.scaler.scale(loss))
         self.scaler.step(self.optimizer)
@@ -935,5 +893,5 @@ class _TrainingRun:
         if self.feature_sampler is not None and features is not None:
             self.feature_sampler.update(
                 gather_rows(features[: assembled.n_labelled].detach().float(), self.context),
-                gather_rows(assembled.target, self.context),
+                gather_rows(assembled.target.clamp(0, num_outputs - 1), self.context),
             )
