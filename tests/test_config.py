@@ -222,10 +222,3 @@ def test_override_strings_round_trip(epochs: int, sigma: float, name: str) -> No
     assert config.training.epochs == epochs
     assert config.sampler.sigma == sigma
     assert config.output_dir == name  # a string key keeps the text as it is, even "123" or "[1]"
-
-
-def test_generation_compile_modes_are_the_decoders() -> None:
-    from dreamood.config import COMPILE_MODES
-    from dreamood.decoding.stable_diffusion import COMPILE_MODES as DECODER_COMPILE_MODES
-
-    assert COMPILE_MODES == DECODER_COMPILE_MODES

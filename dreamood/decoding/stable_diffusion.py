@@ -30,6 +30,7 @@ from dreamood._validation import (
     check_rank,
     check_size_pair,
 )
+from dreamood.config import COMPILE_MODES
 from dreamood.decoding.injection import (
     PromptTokens,
     build_injection_prompts,
@@ -45,9 +46,6 @@ __all__ = ["COMPILE_MODES", "SCHEDULERS", "StableDiffusionDecoder"]
 #: ``skip_prk_steps`` is PLMS, the sampler of the paper.
 SCHEDULERS: tuple[str, ...] = ("pndm", "ddim", "dpm++")
 
-#: ``torch.compile`` modes accepted by :meth:`StableDiffusionDecoder.enable_speedups`. ``"reduce-overhead"``
-#: replays CUDA graphs; the ``max-autotune`` modes benchmark kernel choices (long first call).
-COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from dreamood._validation import check_choice, check_positive, check_positive_int
+from dreamood.config import COMPILE_MODES
 
 __all__ = ["EpochMetrics", "TrainingConfig", "TrainingResult"]
 
 AMP_DTYPES = ("bf16", "fp16")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
