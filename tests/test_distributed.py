@@ -9,6 +9,7 @@ virtual outliers are split between the processes.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -79,6 +80,7 @@ def _train(world_size: int, output_dir: Path | None) -> tuple[nn.Module, nn.Modu
 def _worker(out: Path) -> None:
     import torch.distributed as dist
 
+    gc.disable()  # so only references, not a collection, decide what is still alive below
     model, regularizer, result = _train(world_size=int(os.environ["WORLD_SIZE"]), output_dir=out / "run")
     rank = dist.get_rank()
     torch.save({"model": model.state_dict(), "regularizer": regularizer.state_dict()}, out / f"weights_rank{rank}.pt")
@@ -86,6 +88,7 @@ def _worker(out: Path) -> None:
         "world_size": dist.get_world_size(),
         "checkpoint_path": None if result.checkpoint_path is None else str(result.checkpoint_path),
         "history": [r.to_dict() for r in result.history],
+        "live_ddp_wrappers": _live_ddp_wrappers(),
     }
     (out / f"result_rank{rank}.json").write_text(json.dumps(summary))
     # Both ranks reach this point before the group is torn down: a rank that destroys it while its peer
@@ -115,6 +118,7 @@ def test_two_processes_match_single_process_training(tmp_path: Path) -> None:
             torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {name}")
         summary = json.loads((tmp_path / f"result_rank{rank}.json").read_text())
         assert summary["world_size"] == 2
+        assert summary["live_ddp_wrappers"] == 0  # released when train_classifier returned
         for distributed, local in zip(summary["history"], single.history):
             assert distributed["loss"] == pytest.approx(local.loss, rel=1e-5)
             assert distributed["accuracy"] == local.accuracy
@@ -178,15 +182,24 @@ def _bad_label_worker(out: Path) -> None:
     y[13] = 7
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4))
+    gc.disable()
     try:
         loader = DataLoader(TensorDataset(x, y), batch_size=BATCH)
         train_classifier(model, loader, epochs=1, sync_every=3, device="cpu", progress=False)
         message = "no error"
     except ValueError as error:
         message = str(error)
+    message += f"\nlive DDP wrappers: {_live_ddp_wrappers()}"
     (out / f"error_rank{dist.get_rank()}.txt").write_text(message)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _live_ddp_wrappers() -> int:
+    """How many DistributedDataParallel wrappers are alive (without collecting garbage first)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return sum(isinstance(obj, DistributedDataParallel) for obj in gc.get_objects())
 
 
 def _torchrun(*arguments: str) -> subprocess.CompletedProcess[str]:
@@ -200,6 +213,8 @@ def test_a_bad_label_on_one_process_stops_every_process_at_the_same_step(tmp_pat
     completed = _torchrun(str(tmp_path), "bad-label")
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     messages = sorted((tmp_path / f"error_rank{rank}.txt").read_text() for rank in (0, 1))
+    # The wrappers are released on error too, not left to the garbage collector (or to interpreter exit).
+    assert all(message.endswith("\nlive DDP wrappers: 0") for message in messages), messages
     # Sample 13 is in the second global batch of eight (step 2), on one process only.
     assert messages[0].startswith("another process found labels out of range") and "(epoch 1, step 2)" in messages[0]
     assert messages[1].startswith("labels must lie in [0, 4)") and "to 7 (epoch 1, step 2)" in messages[1]

@@ -544,17 +544,10 @@ class _TrainingRun:
             remove_temporaries(self.metrics_path)
         rng_state = self._load_initial_state()
 
-        self.network: nn.Module = _Network(self.model, feature_extractor, classifier_head)
+        self.plain_network = _Network(self.model, feature_extractor, classifier_head)
+        # What the steps call: the plain modules, wrapped for the duration of train() (see _wrap_modules).
+        self.network: nn.Module = self.plain_network
         self.loss_module = self.regularizer
-        if context.is_distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.network = DistributedDataParallel(self.network, device_ids=device_ids)
-            if self.regularizer is not None:
-                self.loss_module = DistributedDataParallel(self.regularizer, device_ids=device_ids)
-        if config.compile:
-            self.network = cast(nn.Module, torch.compile(self.network, mode=config.compile_mode))
         # Restored last, so nothing above draws from the restored states.
         if rng_state is not None:
             problems = restore_rng_state(rng_state, self.generators)
@@ -653,14 +646,33 @@ class _TrainingRun:
     # ---- training --------------------------------------------------------------------------------------------
 
     def train(self) -> TrainingResult:
-        for epoch in range(self.start_epoch, self.config.epochs):
-            self.history.append(self._run_epoch(epoch))
-            self._save(epoch)
+        try:
+            self._wrap_modules()
+            for epoch in range(self.start_epoch, self.config.epochs):
+                self.history.append(self._run_epoch(epoch))
+                self._save(epoch)
+        finally:
+            # DistributedDataParallel keeps hooks on the model's parameters and a handle on the process group.
+            # Drop the wrappers now, also on error, rather than whenever the garbage collector frees them: a
+            # wrapper torn down at interpreter exit, after the process group, can abort a gloo process.
+            self.network, self.loss_module = self.plain_network, self.regularizer
         return TrainingResult(
             history=list(self.history),
             checkpoint_path=self.checkpoint_path if self.context.is_main else None,
             metrics_path=self.metrics_path if self.context.is_main else None,
         )
+
+    def _wrap_modules(self) -> None:
+        """Wrap the network (and the regularizer) in DistributedDataParallel under torchrun; compile if asked."""
+        if self.context.is_distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.network = DistributedDataParallel(self.plain_network, device_ids=device_ids)
+            if self.regularizer is not None:
+                self.loss_module = DistributedDataParallel(self.regularizer, device_ids=device_ids)
+        if self.config.compile:
+            self.network = cast(nn.Module, torch.compile(self.network, mode=self.config.compile_mode))
 
     def _run_epoch(self, epoch: int) -> EpochMetrics:
         config = self.config
