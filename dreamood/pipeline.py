@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -934,9 +934,14 @@ class Pipeline:
             model: The trained classifier.
 
         Returns:
-            Accuracy (a fraction) by set name, also saved to ``generalization.json``.
+            Accuracy (a fraction) by set name, also saved to ``generalization.json``. The file belongs to the
+            ``report`` stage: it is read back, not recomputed, unless that stage is forced.
         """
-        return self._accuracy_table(model.to(self.device), self.output_dir / "generalization.json", "generalization")
+        path = self.output_dir / "generalization.json"
+        if "report" not in self.force and path.is_file():
+            logger.info("[generalization] skipped: %s exists", path)
+            return cast(dict[str, float], json.loads(path.read_text()))
+        return self._accuracy_table(model.to(self.device), path, "generalization")
 
     def _accuracy_table(self, model: Callable[[Tensor], Tensor], path: Path, name: str) -> dict[str, float]:
         """Top-1 accuracy of ``model`` on the ID test set and each generalisation set, written to ``path``."""

@@ -213,6 +213,13 @@ def test_imagenet100_dream_id_smoke(tmp_path: Path, tiny_sd: Path) -> None:
     assert accuracy["ID test"] == pytest.approx(report.id_accuracy)
     assert f"ID test: top-1 accuracy {100 * accuracy['ID test']:.2f}%" in printed
     _check_generalization_baselines(out, pipe, printed)
+    # A resumed run reads the accuracies back instead of evaluating every set again; forcing the report redoes them.
+    written = (out / "generalization.json").stat().st_mtime_ns
+    assert pipe.run() == report and (out / "generalization.json").stat().st_mtime_ns == written
+    forced = _smoke_pipeline(out, "imagenet100-dream-id", force=["report"])
+    forced.run()
+    assert (out / "generalization.json").stat().st_mtime_ns != written
+    assert json.loads((out / "generalization.json").read_text()) == pytest.approx(accuracy)
 
 
 def test_imagenet100_dream_ood_smoke_pretrains_then_fine_tunes(tmp_path: Path, tiny_sd: Path) -> None:
