@@ -4,6 +4,9 @@ losses and first Adam updates of a joint step, gradients kept off the classifier
 from __future__ import annotations
 
 import copy
+import warnings
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dreamood.baselines import (
     ConfidenceGAN,
@@ -23,6 +26,7 @@ from dreamood.baselines import (
     UniformKLRegularizer,
     kl_to_uniform,
 )
+from dreamood.io import load_checkpoint, save_checkpoint
 from dreamood.models import Classifier, SmallConvNet
 from dreamood.training import train_classifier
 
@@ -144,10 +148,20 @@ def test_train_step_losses_and_first_adam_updates_are_exact() -> None:
     assert gan.last_losses_ == losses
 
 
+def _same_state(a: Any, b: Any) -> bool:
+    """Whether two (nested) states are equal: tensors element for element, dicts key for key, lists in order."""
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
 def test_same_seed_same_gan_and_samples() -> None:
     first, second, other = _gan(seed=2), _gan(seed=2), _gan(seed=3)
-    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
-        assert torch.equal(a, b)
+    assert _same_state(first.state_dict(), second.state_dict())
     assert torch.equal(first.sample(4), second.sample(4))
     assert not torch.equal(_gan(seed=2).sample(4), other.sample(4))
 
@@ -203,5 +217,131 @@ def test_joint_training_in_the_shared_loop_is_reproducible() -> None:
     assert ood_a is not None and ood_a == ood_b and np.isfinite(ood_a)
     for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()):
         assert torch.equal(a, b)
-    for a, b in zip(gan_a.state_dict().values(), gan_b.state_dict().values()):
-        assert torch.equal(a, b)
+    assert _same_state(gan_a.state_dict(), gan_b.state_dict())
+
+
+# ---- complete state: a saved GAN continues exactly ---------------------------------------------------------
+
+
+def test_state_dict_holds_the_optimisers_and_the_latent_generator() -> None:
+    real, classifier = torch.rand(4, 1, 8, 8), _classifier(1)
+    gan = _gan(seed=2)
+    for _ in range(2):
+        gan.train_step(real, classifier)
+    saved = copy.deepcopy(gan.state_dict())
+    assert saved["_extra_state"]["generator_optimizer"]["state"]  # Adam moments after two steps
+
+    other = _gan(seed=7)  # other weights, fresh optimisers, another latent stream
+    other.load_state_dict(copy.deepcopy(saved))
+    assert _same_state(other.state_dict(), saved)
+    assert other.train_step(real, classifier) == gan.train_step(real, classifier)
+    assert _same_state(other.state_dict(), gan.state_dict())
+    assert torch.equal(other.sample(3), gan.sample(3))
+
+    # The weights alone are not enough: fresh Adam moments and latent codes give another step.
+    weights_only = _gan(seed=7)
+    weights_only.load_state_dict({k: v for k, v in saved.items() if k != "_extra_state"}, strict=False)
+    weights_only.train_step(real, classifier)
+    assert not _same_state(weights_only.generator.state_dict(), other.generator.state_dict())
+
+    with pytest.raises(ValueError, match="extra state must hold"):
+        _gan().load_state_dict({**saved, "_extra_state": {"noise_generator": saved["_extra_state"]["noise_generator"]}})
+
+
+def test_outlier_loader_state_holds_the_gan_and_the_real_loader_shuffling() -> None:
+    images, classifier = torch.rand(12, 1, 8, 8), _classifier(1)
+
+    def loader(seed: int, classifier: Classifier) -> GANOutlierLoader:
+        real = DataLoader(
+            TensorDataset(images), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(seed)
+        )
+        return _gan(seed=seed).outlier_loader(real, classifier)
+
+    first = loader(0, classifier)
+    list(first)  # one pass: the GAN trained three steps, the shuffling moved on
+    state = copy.deepcopy(first.state_dict())
+    second = loader(5, copy.deepcopy(classifier))  # the classifier's BatchNorm statistics saw the same batches
+    second.load_state_dict(state)
+    following, resumed = list(first), list(second)
+    assert len(following) == len(resumed) == 3
+    assert all(torch.equal(a, b) for a, b in zip(following, resumed))  # the same next pass, step for step
+    assert _same_state(first.state_dict(), second.state_dict())
+    unshuffled = _gan().outlier_loader(DataLoader(TensorDataset(images), batch_size=4), classifier)
+    with pytest.raises(ValueError, match="1 real_loader generator state"):
+        unshuffled.load_state_dict(state)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _FailingImages(Dataset[tuple[Tensor, Tensor]]):
+    """Labelled images that raise once ``fail_after`` of them were read (a run killed mid-epoch)."""
+
+    def __init__(self, images: Tensor, labels: Tensor, fail_after: int | None) -> None:
+        self.images, self.labels, self.fail_after, self.reads = images, labels, fail_after, 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        self.reads += 1
+        if self.fail_after is not None and self.reads > self.fail_after:
+            raise _Interrupted
+        return self.images[index], self.labels[index]
+
+
+def _resumable_joint_run(out_dir: Path, *, fail_after: int | None, seed: int) -> tuple[Classifier, ConfidenceGAN]:
+    """Three epochs of the joint confidence loss with checkpoints; ``seed`` sets everything a checkpoint restores."""
+    generator = torch.Generator().manual_seed(100)
+    images, labels = torch.rand(16, 1, 8, 8, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+    torch.manual_seed(seed)  # the classifier's head
+    shuffle = torch.Generator().manual_seed(seed)
+    real_loader = DataLoader(TensorDataset(images), batch_size=8, shuffle=True, generator=shuffle)
+    model, gan = _classifier(seed), _gan(seed=seed, beta=0.5)
+    outliers = gan.outlier_loader(real_loader, model)
+    train_classifier(
+        model,
+        DataLoader(_FailingImages(images, labels, fail_after), batch_size=8),
+        outlier_loader=outliers,
+        regularizer=UniformKLRegularizer(),
+        extra_state={"gan": outliers},
+        epochs=3,
+        beta=0.5,
+        lr=0.05,
+        device="cpu",
+        progress=False,
+        output_dir=out_dir,
+        resume=True,
+    )
+    return model, gan
+
+
+def test_an_interrupted_joint_training_resumes_the_gan_exactly(tmp_path: Path) -> None:
+    model, gan = _resumable_joint_run(tmp_path / "whole", fail_after=None, seed=1)
+    with pytest.raises(_Interrupted):
+        _resumable_joint_run(tmp_path / "killed", fail_after=16 + 4, seed=1)  # dies in epoch 2
+    state = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
+    assert state["epoch"] == 1 and set(state["extra_state"]) == {"gan"}
+
+    # A new process: other initial weights, GAN and shuffling, all replaced by the checkpoint's.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed_model, resumed_gan = _resumable_joint_run(tmp_path / "killed", fail_after=None, seed=2)
+    assert _same_state(resumed_model.state_dict(), model.state_dict())
+    assert _same_state(resumed_gan.state_dict(), gan.state_dict())
+
+    # The same checkpoint without the GAN's state: a warning, and the GAN (so the classifier) goes another way.
+    (tmp_path / "stateless").mkdir()
+    save_checkpoint(tmp_path / "stateless" / "checkpoint.pt", {**state, "extra_state": {}})
+    with pytest.warns(UserWarning, match=r"holds no state of extra_state\['gan'\]"):
+        other_model, _ = _resumable_joint_run(tmp_path / "stateless", fail_after=None, seed=2)
+    assert not _same_state(other_model.state_dict(), model.state_dict())
+
+
+def test_extra_state_needs_state_dict_and_load_state_dict() -> None:
+    loader = DataLoader(TensorDataset(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)), batch_size=2)
+    with pytest.raises(TypeError, match=r"extra_state\['gan'\] must have state_dict\(\) and load_state_dict"):
+        train_classifier(_classifier(), loader, extra_state={"gan": object()}, epochs=1, device="cpu", progress=False)
+    with pytest.raises(TypeError, match="extra_state must map names"):
+        train_classifier(_classifier(), loader, extra_state=[_gan()], epochs=1, device="cpu", progress=False)  # type: ignore[arg-type]

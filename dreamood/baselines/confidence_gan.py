@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from dreamood._utils import DeviceLike, make_generator, resolve_device
 from dreamood._validation import as_tensor, check_finite, check_floating, check_positive, check_positive_int, check_rank
 from dreamood.errors import NonFiniteError
+from dreamood.training.rng import loader_generators
 
 __all__ = [
     "ConfidenceGAN",
@@ -290,6 +291,9 @@ class ConfidenceGAN(nn.Module):
         seed: Seed of the initialisation and of the latent codes.
         device: Device of ``G`` and ``D`` (``None``/``"auto"``: CUDA when available).
 
+    ``state_dict()`` holds everything a continued training needs: both networks, both Adam states and the
+    latent generator's state, so ``load_state_dict`` of a saved state continues exactly where it was saved.
+
     Attributes:
         generator: The :class:`DCGANGenerator`.
         discriminator: The :class:`DCGANDiscriminator`.
@@ -336,7 +340,29 @@ class ConfidenceGAN(nn.Module):
         self.channels = channels
         self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=lr, betas=betas)
         self.discriminator_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=betas)
-        self.noise_generator = make_generator(seed, self.device)
+        self.noise_generator = cast(torch.Generator, make_generator(seed, self.device))  # an int seed: never None
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The optimisers' and the latent generator's states, stored by ``state_dict()`` beside the weights."""
+        return {
+            "generator_optimizer": self.generator_optimizer.state_dict(),
+            "discriminator_optimizer": self.discriminator_optimizer.state_dict(),
+            "noise_generator": self.noise_generator.get_state(),
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore what :meth:`get_extra_state` returned (called by ``load_state_dict``).
+
+        Raises:
+            ValueError: ``state`` is not such a state.
+        """
+        keys = {"generator_optimizer", "discriminator_optimizer", "noise_generator"}
+        if not isinstance(state, dict) or set(state) != keys:
+            found = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"a ConfidenceGAN's extra state must hold {sorted(keys)}, got {found}")
+        self.generator_optimizer.load_state_dict(state["generator_optimizer"])
+        self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
+        self.noise_generator.set_state(state["noise_generator"])
 
     def latent(self, count: int) -> Tensor:
         """Draw ``count`` latent codes ``z ~ N(0, I)`` ``(count, latent_dim)`` from the seeded generator."""
@@ -435,8 +461,10 @@ class GANOutlierLoader:
     ``beta * L_ood`` with :class:`UniformKLRegularizer` is the classifier's KL term. One pass has
     ``len(real_loader)`` items.
 
-    Use it in a single process: the loop cannot shard it under ``torchrun``, and the loop's checkpoints do not
-    hold the GAN (save ``gan.state_dict()`` yourself), so ``resume=True`` restarts the GAN's optimisers.
+    Use it in a single process: the loop cannot shard it under ``torchrun``. Its :meth:`state_dict` holds the
+    GAN's complete state and the random states of ``real_loader``; pass the loader as ``extra_state`` too
+    (``extra_state={"gan": loader}``) and the loop's checkpoints hold it, so ``resume=True`` continues the GAN
+    exactly as an uninterrupted run would.
 
     Args:
         gan: The :class:`ConfidenceGAN`.
@@ -462,6 +490,29 @@ class GANOutlierLoader:
     def __len__(self) -> int:
         """Number of items of one pass (the length of ``real_loader``)."""
         return len(self.real_loader)  # type: ignore[arg-type]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The GAN's ``state_dict()`` and the states of the ``torch.Generator`` objects ``real_loader`` draws from."""
+        return {
+            "gan": self.gan.state_dict(),
+            "real_loader": [generator.get_state() for generator in loader_generators(self.real_loader)],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned.
+
+        Raises:
+            ValueError: ``state`` does not fit this loader (another number of ``real_loader`` generators).
+        """
+        generators = loader_generators(self.real_loader)
+        if len(state["real_loader"]) != len(generators):
+            raise ValueError(
+                f"the saved state has {len(state['real_loader'])} real_loader generator state(s), but real_loader "
+                f"draws from {len(generators)}"
+            )
+        self.gan.load_state_dict(state["gan"])
+        for generator, generator_state in zip(generators, state["real_loader"]):
+            generator.set_state(generator_state)
 
     def __iter__(self) -> Iterator[Tensor]:
         """Yield one batch of generated outliers per batch of ``real_loader``, training the GAN before each."""

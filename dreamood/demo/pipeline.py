@@ -650,6 +650,7 @@ def _train_ood_baselines(
         device=device,
     )
     real = _loader(data.train_images, None, config.classifier_batch_size, shuffle_seed=seed + 2)
+    outliers = gan.outlier_loader(real, gan_model)
     gan_model = _train(
         "gan",
         gan_model,
@@ -658,8 +659,9 @@ def _train_ood_baselines(
         replace(recipe, beta=gan.beta),
         seed_dir,
         run,
-        outlier_loader=gan.outlier_loader(real, gan_model),
+        outlier_loader=outliers,
         regularizer=UniformKLRegularizer(),
+        extra_state={"gan": outliers},
     )
     save_checkpoint(seed_dir / "classifiers" / "gan" / "dcgan.pt", {"model": gan.state_dict()})
     return {

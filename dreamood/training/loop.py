@@ -14,7 +14,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -62,6 +62,7 @@ def train_classifier(
     feature_extractor: Callable[[Tensor], Tensor] | None = None,
     classifier_head: Callable[[Tensor], Tensor] | None = None,
     no_weight_decay: Iterable[nn.Parameter] = (),
+    extra_state: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> TrainingResult:
     """Train ``model`` in place with cross-entropy plus, optionally, the energy outlier loss.
@@ -92,9 +93,9 @@ def train_classifier(
     ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` first.
 
     After every epoch ``output_dir/checkpoint.pt`` (model, regulariser, optimiser, scheduler, loss scaler,
-    feature sampler if it has a ``state_dict``, every random state, history) and ``output_dir/metrics.json``
-    are written atomically; ``resume=True`` continues from the checkpoint and reproduces the uninterrupted
-    run exactly (same device and number of processes).
+    feature sampler if it has a ``state_dict``, the ``extra_state`` objects, every random state, history) and
+    ``output_dir/metrics.json`` are written atomically; ``resume=True`` continues from the checkpoint and
+    reproduces the uninterrupted run exactly (same device and number of processes).
 
     The host reads the step statistics back from the device every ``sync_every`` steps (and at the end of
     every epoch) rather than at every step, so a step does not wait for the previous one to finish. Label values
@@ -117,6 +118,10 @@ def train_classifier(
             ``classifier_head(feature_extractor(x))`` must equal ``model(x)``.
         no_weight_decay: Parameters of ``model`` trained with weight decay 0 (e.g. GODIN's class weights);
             every other parameter gets ``weight_decay``.
+        extra_state: Named objects with ``state_dict()`` and ``load_state_dict(state)`` that change during
+            training beside the model, such as the GAN of :class:`~dreamood.baselines.GANOutlierLoader`; their
+            states are saved in every checkpoint and loaded on resume. Their states must hold only tensors and
+            plain Python values (the checkpoint is read with ``weights_only=True``).
         **options: Fields of :class:`TrainingConfig` (``epochs``, ``lr``, ``beta``, ...), overriding
             ``config``'s.
 
@@ -144,6 +149,7 @@ def train_classifier(
         config,
     )
     excluded = _check_no_weight_decay(model, no_weight_decay)
+    extras = _check_extra_state(extra_state)
     previous_benchmark = torch.backends.cudnn.benchmark
     if config.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
@@ -158,6 +164,7 @@ def train_classifier(
             feature_extractor=feature_extractor,
             classifier_head=classifier_head,
             no_decay_ids=excluded,
+            extra_state=extras,
             config=config,
         )
         return run.train()
@@ -252,6 +259,21 @@ def _check_arguments(
     ):
         if loader is not None and not isinstance(loader, Iterable):
             raise TypeError(f"{name} must be an iterable of batches (e.g. a DataLoader), got {type(loader).__name__}")
+
+
+def _check_extra_state(extra_state: Mapping[str, Any] | None) -> dict[str, Any]:
+    if extra_state is None:
+        return {}
+    if not isinstance(extra_state, Mapping):
+        raise TypeError(f"extra_state must map names to objects with state_dict(), got {type(extra_state).__name__}")
+    for name, value in extra_state.items():
+        if not isinstance(name, str):
+            raise TypeError(f"extra_state names must be strings, got {name!r}")
+        if not (callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None))):
+            raise TypeError(
+                f"extra_state[{name!r}] must have state_dict() and load_state_dict(state), got {type(value).__name__}"
+            )
+    return dict(extra_state)
 
 
 class _Network(nn.Module):
@@ -474,6 +496,7 @@ class _TrainingRun:
         feature_extractor: Callable[[Tensor], Tensor] | None,
         classifier_head: Callable[[Tensor], Tensor] | None,
         no_decay_ids: set[int],
+        extra_state: dict[str, Any],
         config: TrainingConfig,
     ) -> None:
         import numpy as np
@@ -502,6 +525,7 @@ class _TrainingRun:
             self.model.to(memory_format=torch.channels_last)
         self.regularizer = None if regularizer is None else regularizer.to(self.device)
         self.feature_sampler = feature_sampler
+        self.extra_state = extra_state
 
         parameters = list(self.model.parameters())
         if self.regularizer is not None:
@@ -572,6 +596,7 @@ class _TrainingRun:
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
             self._load_sampler_state(state["feature_sampler"])
+            self._load_extra_state(state.get("extra_state", {}))
             self.history = [EpochMetrics.from_dict(item) for item in state["history"]]
             self.start_epoch = int(state["epoch"])
             return cast(dict[str, Any], state["rng"][self.context.rank])
@@ -611,6 +636,24 @@ class _TrainingRun:
                 stacklevel=4,
             )
 
+    def _load_extra_state(self, saved: dict[str, Any]) -> None:
+        for name, value in self.extra_state.items():
+            if name in saved:
+                value.load_state_dict(saved[name])
+            else:
+                warnings.warn(
+                    f"{self.checkpoint_path} holds no state of extra_state[{name!r}]; it continues from its current "
+                    "state, so the resumed run differs from an uninterrupted one",
+                    stacklevel=4,
+                )
+        unused = sorted(set(saved) - set(self.extra_state))
+        if unused:
+            warnings.warn(
+                f"{self.checkpoint_path} holds states of {unused}, which this run's extra_state does not name; "
+                "they are not restored",
+                stacklevel=4,
+            )
+
     def _save(self, epoch: int) -> None:
         rng_states = gather_objects(capture_rng_state(self.generators), self.context)
         if not self.context.is_main or self.checkpoint_path is None or self.metrics_path is None:
@@ -631,6 +674,7 @@ class _TrainingRun:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "feature_sampler": sampler_state_dict() if callable(sampler_state_dict) else {},
+            "extra_state": {name: value.state_dict() for name, value in self.extra_state.items()},
             "rng": rng_states,
             "history": [item.to_dict() for item in self.history],
         }
