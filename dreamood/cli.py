@@ -110,9 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="append",
         default=[],
-        metavar="STAGE",
-        help="redo STAGE even when its artefact exists: anchors, encoder, bank, samples, images, classifier, "
-        "report, or all (repeatable)",
+        metavar="NAME",
+        help="redo NAME even when its artefact exists: a stage (anchors, encoder, bank, samples, images, "
+        "classifier, report), a baseline of --baselines (retrained from scratch), or all: every stage and "
+        "baseline (repeatable)",
     )
     run.add_argument(
         "--baselines",
@@ -256,7 +257,16 @@ def _run_stages(args: argparse.Namespace) -> int:
 
 def _run_all(args: argparse.Namespace) -> int:
     from dreamood.io import atomic_write, remove_temporaries
-    from dreamood.pipeline import SMOKE_BASELINES, STAGES, Pipeline, parse_baselines
+    from dreamood.pipeline import (
+        GENERALIZATION_BASELINES,
+        OOD_BASELINES,
+        SMOKE_BASELINES,
+        STAGES,
+        Pipeline,
+        parse_baselines,
+    )
+
+    known_baselines = (*OOD_BASELINES, *GENERALIZATION_BASELINES)
 
     _check_distributed(STAGES, "run")
     config, data = _load(args)
@@ -264,7 +274,10 @@ def _run_all(args: argparse.Namespace) -> int:
         baselines = parse_baselines(args.baselines, config.method)
     except ValueError as error:
         raise ValueError(f"--baselines: {error}") from error
-    force = list(STAGES) if "all" in args.force else list(args.force)
+    not_run = [name for name in args.force if name in known_baselines and name not in baselines]
+    if not_run:
+        raise ValueError(f"--force names baseline(s) {', '.join(not_run)} that this run does not run (see --baselines)")
+    force = [*STAGES, *baselines] if "all" in args.force else list(args.force)
     pipe = Pipeline(config, data, force=force, baselines=SMOKE_BASELINES if args.smoke else None)
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
@@ -273,7 +286,8 @@ def _run_all(args: argparse.Namespace) -> int:
             print(f"{stage:<11} {state:<6} {pipe.path(stage)}")
         for name in baselines:
             path = pipe.baseline_path(name)
-            print(f"{'baseline ' + name:<24} {'done' if path.is_file() else 'to do':<6} {path}")
+            state = "forced" if name in pipe.force else "done" if path.is_file() else "to do"
+            print(f"{'baseline ' + name:<24} {state:<6} {path}")
         return 0
     report = pipe.run()
     print(report)

@@ -447,7 +447,9 @@ class Pipeline:
     Args:
         config: The run's configuration.
         data: The datasets; ``None`` builds them from ``config.data`` when a stage first needs them.
-        force: Stages to redo even when their artefact exists (names from :data:`STAGES`).
+        force: Stages to redo even when their artefact exists (names from :data:`STAGES`), and baselines to
+            redo, classifier included, even when their result exists (names from :data:`OOD_BASELINES` and
+            :data:`GENERALIZATION_BASELINES`). A forced baseline is redone once per ``Pipeline``.
         decoder_factory: Builds the image decoder (any :class:`~dreamood.protocols.EmbeddingDecoder`) from the
             configuration and the class names; ``None`` loads Stable Diffusion (``generation.model``) with
             :meth:`~dreamood.decoding.stable_diffusion.StableDiffusionDecoder.from_pretrained`.
@@ -460,7 +462,7 @@ class Pipeline:
         baselines: The baselines' settings.
 
     Raises:
-        ValueError: A name in ``force`` is not a stage.
+        ValueError: A name in ``force`` is neither a stage nor a baseline.
     """
 
     def __init__(
@@ -472,9 +474,13 @@ class Pipeline:
         decoder_factory: Callable[[PipelineConfig, list[str]], EmbeddingDecoder] | None = None,
         baselines: BaselineConfig | None = None,
     ) -> None:
-        unknown = [stage for stage in force if stage not in STAGES]
+        known = (*STAGES, *OOD_BASELINES, *GENERALIZATION_BASELINES)
+        unknown = [name for name in force if name not in known]
         if unknown:
-            raise ValueError(f"force names unknown stages {unknown}; the stages are {', '.join(STAGES)}")
+            raise ValueError(
+                f"force names unknown stages or baselines {unknown}; the stages are {', '.join(STAGES)}, the "
+                f"baselines {', '.join((*OOD_BASELINES, *GENERALIZATION_BASELINES))}"
+            )
         self.config = config
         self.output_dir = Path(config.output_dir).expanduser()
         self.device = resolve_device(config.device)
@@ -482,6 +488,7 @@ class Pipeline:
         self._data = data
         self._decoder_factory = decoder_factory
         self.baselines = BaselineConfig() if baselines is None else baselines
+        self._redone: set[str] = set()  # forced baselines (and their classifiers) already redone by this object
 
     # ---- bookkeeping ------------------------------------------------------------------------------------
 
@@ -1004,7 +1011,7 @@ class Pipeline:
         * ``"gan"``: the run's classifier trained jointly with a DCGAN whose samples it learns to give a uniform
           prediction (Lee et al., ICLR 2018), scored with the maximum softmax probability. Needs a power-of-two
           image size (CIFAR's 32; not ImageNet's 224) and a single process (not ``torchrun``). The loop's
-          checkpoints do not hold the GAN, so an interrupted GAN training starts again.
+          checkpoints hold the GAN too, so an interrupted run continues it exactly.
 
         The evaluation follows ``config.evaluation`` (protocol, repeats) like the main report. Skipped when
         ``baselines/<name>/report.json`` exists (delete the folder to redo it).
@@ -1022,7 +1029,7 @@ class Pipeline:
             raise ValueError(f"name must be one of the OOD baselines {', '.join(OOD_BASELINES)}, got {name!r}")
         folder, path = self.baseline_dir(name), self.baseline_path(name)
         self._remove_baseline_temporaries(name)
-        if path.is_file():
+        if self._baseline_done(name, path):
             from dreamood.evaluation import OODReport
 
             logger.info("[baseline %s] skipped: %s exists", name, path)
@@ -1061,6 +1068,7 @@ class Pipeline:
             with atomic_write(folder / "report.md", "w") as handle:
                 handle.write(report.to_markdown() + "\n")
             report.to_json(path)  # last: its existence marks the baseline done
+        self._mark_redone(name, path)
         return report
 
     def generalization_baseline(self, name: str) -> dict[str, float]:
@@ -1095,7 +1103,7 @@ class Pipeline:
             )
         path = self.baseline_path(name)
         self._remove_baseline_temporaries(name)
-        if path.is_file():
+        if self._baseline_done(name, path):
             logger.info("[baseline %s] skipped: %s exists", name, path)
             accuracy: dict[str, float] = json.loads(path.read_text())
             return accuracy
@@ -1103,7 +1111,17 @@ class Pipeline:
             model: Callable[[Tensor], Tensor] = self._memo(self._baseline_classifier("cross-entropy"))
         else:
             model = self._baseline_classifier(name)
-        return self._accuracy_table(model, path, f"baseline {name}")
+        accuracy = self._accuracy_table(model, path, f"baseline {name}")
+        self._mark_redone(name, path)
+        return accuracy
+
+    def _baseline_done(self, name: str, path: Path) -> bool:
+        """Whether ``path`` (a baseline's result or classifier) is to be used as it is, rather than redone."""
+        return path.is_file() and (name not in self.force or f"{name}:{path.name}" in self._redone)
+
+    def _mark_redone(self, name: str, path: Path) -> None:
+        if name in self.force:
+            self._redone.add(f"{name}:{path.name}")
 
     def _remove_baseline_temporaries(self, name: str) -> None:
         """Delete what killed writes of a baseline's files left (its training and images clean up themselves)."""
@@ -1132,7 +1150,7 @@ class Pipeline:
         path = folder / "classifier.pt"
         self._remove_baseline_temporaries(name)
         model: nn.Module = self._new_godin() if name == "godin" else self._new_classifier()
-        if path.is_file():
+        if self._baseline_done(name, path):
             logger.info("[baseline %s] classifier loaded from %s", name, path)
             model.load_state_dict(_saved_weights(path))
             return model.to(self.device).eval()
@@ -1144,9 +1162,9 @@ class Pipeline:
         cfg = self.config.training
         recipe = self._scratch_recipe()
         # Every baseline trains with the shared loop, so a killed run resumes from its last per-epoch checkpoint
-        # in training/ (the GAN's generator is not in that checkpoint, so the GAN restarts instead).
+        # in training/ (for the GAN baseline that checkpoint holds the GAN as well).
         speed = {key: getattr(cfg, key) for key in _TRAINING_SPEED_OPTIONS}
-        loop = {**recipe, **speed, "output_dir": folder / "training", "resume": True}
+        loop = {**recipe, **speed, "output_dir": folder / "training", "resume": name not in self.force}
         id_loader = self._loader(self.data.train, cfg.batch_size, shuffle=True)
         logger.info("[baseline %s] training for %d epochs", name, recipe["epochs"])
         start = time.perf_counter()
@@ -1155,12 +1173,14 @@ class Pipeline:
             train_godin(model, id_loader, **loop)
         elif gan is not None:
             real_loader = self._loader(self.data.train, cfg.batch_size, shuffle=True, seed=self.config.seed + 1)
+            outliers = gan.outlier_loader(real_loader, model)
             train_classifier(
                 model,
                 id_loader,
-                outlier_loader=gan.outlier_loader(real_loader, model),
+                outlier_loader=outliers,
                 regularizer=UniformKLRegularizer(),
-                **{**loop, "beta": gan.beta, "resume": False},
+                extra_state={"gan": outliers},
+                **{**loop, "beta": gan.beta},
             )
             if _is_main_process():
                 save_checkpoint(folder / "dcgan.pt", {"model": gan.state_dict()})
@@ -1172,6 +1192,7 @@ class Pipeline:
         if _is_main_process():
             save_checkpoint(path, {"model": model.state_dict()})
         _barrier()
+        self._mark_redone(name, path)
         logger.info("[baseline %s] trained in %.1f s: %s", name, time.perf_counter() - start, path)
         return model.eval()
 
@@ -1193,6 +1214,7 @@ class Pipeline:
                 batch_size=cfg.batch_size,
                 seed=self.config.seed,
                 show_progress=self.config.progress,
+                overwrite=name in self.force,
             )
             return GeneratedImageFolder(folder, transform=self.data.generated_transform)
         from dreamood.baselines import AugmentedPool

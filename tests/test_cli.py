@@ -256,6 +256,13 @@ def test_unknown_baselines_are_refused_before_anything_runs(tmp_path: Path, caps
     assert main(["run", "--config", "imagenet100-dream-id", "--output-dir", str(tmp_path), "--baselines", "gan"]) == 1
     (line,) = _error_lines(capsys)
     assert "unknown baseline(s) gan for dream-id" in line and "cutmix" in line
+    assert main(["run", "--output-dir", str(tmp_path), "--baselines", "godin", "--force", "gan"]) == 1
+    assert _error_lines(capsys) == [
+        "dreamood run: error: --force names baseline(s) gan that this run does not run (see --baselines)"
+    ]
+    assert main(["run", "--output-dir", str(tmp_path), "--force", "bogus"]) == 1
+    (line,) = _error_lines(capsys)
+    assert "force names unknown stages or baselines ['bogus']" in line and "generic-prompts" in line
     assert list(tmp_path.iterdir()) == []
 
 
@@ -292,6 +299,17 @@ def test_run_with_baselines_writes_their_reports_and_a_table_then_skips_them(
     assert files == {p: p.stat().st_mtime_ns for p in (out / "baselines").rglob("*") if p.is_file()}
     assert main(_smoke("run", out, "--baselines", "godin", "--dry-run")) == 0
     assert capsys.readouterr().out.splitlines()[-1].split()[:3] == ["baseline", "godin", "done"]
+
+    # Forced: retrained from scratch (no resume from its checkpoint), to the same result; the stages are skipped.
+    assert main(_smoke("run", out, "--baselines", "godin", "--force", "godin", "--dry-run")) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split()[:3] == ["baseline", "godin", "forced"]
+    assert main(_smoke("run", out, "--baselines", "godin", "--force", "godin")) == 0
+    forced = capsys.readouterr()
+    assert "[baseline godin] training for" in forced.err and "[classifier] running" not in forced.err
+    assert "[baseline godin] skipped" not in forced.err and "classifier loaded" not in forced.err
+    assert forced.out == first.out
+    redone = {p: p.stat().st_mtime_ns for p in (out / "baselines" / "godin").rglob("*") if p.is_file()}
+    assert all(redone[p] != files[p] for p in redone)
 
 
 def test_dream_id_run_prints_its_accuracy_and_the_generalization_baselines(

@@ -397,7 +397,8 @@ def test_ood_baselines_of_the_cifar100_smoke(cifar_run: tuple[Path, str]) -> Non
     history = json.loads((out / "baselines" / "gan" / "training" / "metrics.json").read_text())
     assert history["config"]["beta"] == SMOKE_BASELINES.gan_beta
     assert all(epoch["ood_steps"] == epoch["steps"] > 0 for epoch in history["history"])
-    assert (out / "baselines" / "gan" / "dcgan.pt").is_file()
+    dcgan = torch.load(out / "baselines" / "gan" / "dcgan.pt", weights_only=True)["model"]
+    assert set(dcgan["_extra_state"]) == {"generator_optimizer", "discriminator_optimizer", "noise_generator"}
     model = Classifier(build_backbone("small", small_input=True), 4)
     model.load_state_dict(torch.load(out / "baselines" / "gan" / "classifier.pt", weights_only=True)["model"])
     model.eval()
@@ -425,9 +426,19 @@ def test_ood_baselines_of_the_cifar100_smoke(cifar_run: tuple[Path, str]) -> Non
     assert len(scores) == 7 and choice["epsilon"] == max(scores, key=lambda epsilon: scores[epsilon])
     assert [row.name for row in reports["godin"].rows] == list(pipe.data.ood)
     _check_baseline_resumes(pipe, "godin", pipe.ood_baseline)
+    # The GAN baseline's checkpoints hold the GAN, so a resumed run continues (here: restores) it too.
+    from dreamood.io import load_checkpoint
+
+    assert set(load_checkpoint(out / "baselines" / "gan" / "training" / "checkpoint.pt")["extra_state"]) == {"gan"}
+    _check_baseline_resumes(pipe, "gan", pipe.ood_baseline, outliers=True)
+    resumed = torch.load(out / "baselines" / "gan" / "dcgan.pt", weights_only=True)["model"]
+    assert [k for k in dcgan if k != "_extra_state"] == [k for k in resumed if k != "_extra_state"]
+    assert all(torch.equal(dcgan[k], resumed[k]) for k in dcgan if k != "_extra_state")
+    saved_noise, resumed_noise = (state["_extra_state"]["noise_generator"] for state in (dcgan, resumed))
+    assert torch.equal(saved_noise, resumed_noise)
 
 
-def _check_baseline_resumes(pipe: Pipeline, name: str, rerun: Callable[[str], object]) -> None:
+def _check_baseline_resumes(pipe: Pipeline, name: str, rerun: Callable[[str], object], outliers: bool = False) -> None:
     """The baseline trained with the shared loop: a run killed after its last epoch resumes, trains nothing more."""
     from dreamood.io import load_checkpoint
 
@@ -435,7 +446,9 @@ def _check_baseline_resumes(pipe: Pipeline, name: str, rerun: Callable[[str], ob
     checkpoint = folder / "training" / "checkpoint.pt"
     state = load_checkpoint(checkpoint)
     assert state["epoch"] == state["epochs"] > 0
-    assert all(epoch["ood_steps"] == 0 for epoch in state["history"])
+    assert all(
+        (epoch["ood_steps"] == epoch["steps"]) if outliers else epoch["ood_steps"] == 0 for epoch in state["history"]
+    )
     result, classifier = pipe.baseline_path(name), folder / "classifier.pt"
     saved, weights = result.read_text(), torch.load(classifier, weights_only=True)["model"]
     written = checkpoint.stat().st_mtime_ns
