@@ -23,10 +23,11 @@ stage changed. With ``progress = false`` no progress bar is drawn, transformers'
 bars included.
 
 The paper's baselines run on the same data, each in ``output_dir/baselines/<name>/`` and skipped when its
-result exists unless it is named in ``force`` (then it is retrained from scratch): GODIN and GAN-based outlier synthesis for OOD detection (:meth:`Pipeline.ood_baseline`, paper
-Tables 1 and 3), and for DREAM-ID's generalisation (:meth:`Pipeline.generalization_baseline`, Table 4) a
-cross-entropy model, RandAugment, AutoAugment, AugMix and CutMix copies and generic-prompt images appended in
-DREAM-ID's number, and MEMO on the cross-entropy model. Their settings are in :class:`BaselineConfig`;
+result exists unless it is named in ``force`` (then it is retrained from scratch): GODIN and GAN-based
+outlier synthesis for OOD detection (:meth:`Pipeline.ood_baseline`, paper Tables 1 and 3), and for DREAM-ID's
+generalisation (:meth:`Pipeline.generalization_baseline`, Table 4) a cross-entropy model, RandAugment,
+AutoAugment, AugMix and CutMix copies and generic-prompt images appended in DREAM-ID's number, and MEMO on
+the cross-entropy model. Their settings are in :class:`BaselineConfig`;
 ``dreamood run --baselines`` runs them after the stages and prints one comparison table.
 
 :func:`smoke_setup` builds a tiny configuration with random data and randomly initialised tiny models, so
