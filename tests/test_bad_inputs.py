@@ -883,7 +883,7 @@ CLI_CASES: list[CliCase] = [
         "cli-force-unknown-stage",
         lambda tmp: ["run", "--dry-run", "--output-dir", str(tmp), "--force", "decode"],
         1,
-        r"force names unknown stages \['decode'\]",
+        r"force names unknown stages or baselines \['decode'\]",
     ),
     CliCase(
         "cli-stage-before-its-inputs",
