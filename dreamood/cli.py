@@ -257,16 +257,7 @@ def _run_stages(args: argparse.Namespace) -> int:
 
 def _run_all(args: argparse.Namespace) -> int:
     from dreamood.io import atomic_write, remove_temporaries
-    from dreamood.pipeline import (
-        GENERALIZATION_BASELINES,
-        OOD_BASELINES,
-        SMOKE_BASELINES,
-        STAGES,
-        Pipeline,
-        parse_baselines,
-    )
-
-    known_baselines = (*OOD_BASELINES, *GENERALIZATION_BASELINES)
+    from dreamood.pipeline import BASELINES, SMOKE_BASELINES, STAGES, Pipeline, parse_baselines
 
     _check_distributed(STAGES, "run")
     config, data = _load(args)
@@ -274,7 +265,7 @@ def _run_all(args: argparse.Namespace) -> int:
         baselines = parse_baselines(args.baselines, config.method)
     except ValueError as error:
         raise ValueError(f"--baselines: {error}") from error
-    not_run = [name for name in args.force if name in known_baselines and name not in baselines]
+    not_run = [name for name in args.force if name in BASELINES and name not in baselines]
     if not_run:
         raise ValueError(f"--force names baseline(s) {', '.join(not_run)} that this run does not run (see --baselines)")
     force = [*STAGES, *baselines] if "all" in args.force else list(args.force)

@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ARTIFACTS",
+    "BASELINES",
     "GENERALIZATION_BASELINES",
     "OOD_BASELINES",
     "SMOKE_BASELINES",
@@ -133,6 +134,9 @@ GENERALIZATION_BASELINES: tuple[str, ...] = (
     "generic-prompts",
     "memo",
 )
+
+#: Every baseline, of either method (the names ``Pipeline(force=...)`` accepts beside :data:`STAGES`).
+BASELINES: tuple[str, ...] = (*OOD_BASELINES, *GENERALIZATION_BASELINES)
 
 Transform = Callable[[Any], Any]
 
@@ -475,12 +479,11 @@ class Pipeline:
         decoder_factory: Callable[[PipelineConfig, list[str]], EmbeddingDecoder] | None = None,
         baselines: BaselineConfig | None = None,
     ) -> None:
-        known = (*STAGES, *OOD_BASELINES, *GENERALIZATION_BASELINES)
-        unknown = [name for name in force if name not in known]
+        unknown = [name for name in force if name not in STAGES and name not in BASELINES]
         if unknown:
             raise ValueError(
                 f"force names unknown stages or baselines {unknown}; the stages are {', '.join(STAGES)}, the "
-                f"baselines {', '.join((*OOD_BASELINES, *GENERALIZATION_BASELINES))}"
+                f"baselines {', '.join(BASELINES)}"
             )
         self.config = config
         self.output_dir = Path(config.output_dir).expanduser()
@@ -489,7 +492,7 @@ class Pipeline:
         self._data = data
         self._decoder_factory = decoder_factory
         self.baselines = BaselineConfig() if baselines is None else baselines
-        self._redone: set[str] = set()  # forced baselines (and their classifiers) already redone by this object
+        self._redone: set[Path] = set()  # results and classifiers of forced baselines redone by this object
 
     # ---- bookkeeping ------------------------------------------------------------------------------------
 
@@ -982,9 +985,8 @@ class Pipeline:
         Raises:
             ValueError: ``name`` is not a baseline.
         """
-        known = (*OOD_BASELINES, *GENERALIZATION_BASELINES)
-        if name not in known:
-            raise ValueError(f"baseline must be one of {', '.join(known)}, got {name!r}")
+        if name not in BASELINES:
+            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {name!r}")
         return self.output_dir / "baselines" / name
 
     def baseline_path(self, name: str) -> Path:
@@ -1015,7 +1017,7 @@ class Pipeline:
           checkpoints hold the GAN too, so an interrupted run continues it exactly.
 
         The evaluation follows ``config.evaluation`` (protocol, repeats) like the main report. Skipped when
-        ``baselines/<name>/report.json`` exists (delete the folder to redo it).
+        ``baselines/<name>/report.json`` exists, unless ``name`` is in ``force`` (then it is retrained from scratch).
 
         Args:
             name: ``"godin"`` or ``"gan"``.
@@ -1086,7 +1088,8 @@ class Pipeline:
           the seeds scheme of DREAM-ID's images (:func:`~dreamood.baselines.generate_generic_prompt_images`);
         * ``"memo"``: the ``"cross-entropy"`` model adapted to every test image (Zhang et al., NeurIPS 2022).
 
-        Skipped when ``baselines/<name>/generalization.json`` exists (delete the folder to redo it).
+        Skipped when ``baselines/<name>/generalization.json`` exists, unless ``name`` is in ``force`` (then it is
+        retrained from scratch).
 
         Args:
             name: A name from :data:`GENERALIZATION_BASELINES`.
@@ -1118,11 +1121,11 @@ class Pipeline:
 
     def _baseline_done(self, name: str, path: Path) -> bool:
         """Whether ``path`` (a baseline's result or classifier) is to be used as it is, rather than redone."""
-        return path.is_file() and (name not in self.force or f"{name}:{path.name}" in self._redone)
+        return path.is_file() and (name not in self.force or path in self._redone)
 
     def _mark_redone(self, name: str, path: Path) -> None:
         if name in self.force:
-            self._redone.add(f"{name}:{path.name}")
+            self._redone.add(path)
 
     def _remove_baseline_temporaries(self, name: str) -> None:
         """Delete what killed writes of a baseline's files left (its training and images clean up themselves)."""
