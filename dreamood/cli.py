@@ -18,9 +18,13 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dreamood import __version__
+
+if TYPE_CHECKING:
+    from dreamood.evaluation import OODReport
+    from dreamood.pipeline import Pipeline
 
 __all__ = ["build_parser", "main"]
 
@@ -30,19 +34,6 @@ _EPILOG = (
     "`dreamood run` runs them all and skips those already done. Configurations: a .toml, .yaml or .json file, "
     "or a packaged one: cifar100, imagenet100, imagenet100-dream-id."
 )
-
-# Subcommand -> (stages it runs, one-line help).
-_STAGE_COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
-    "anchors": (("anchors",), "take the class anchors T(y) from the text encoder's token-embedding table"),
-    "fit-encoder": (("encoder", "bank"), "Phase 1: train the text-conditioned encoder and build the feature bank"),
-    "sample": (("samples",), "Phase 2: sample outlier (DREAM-ID: inlier) embeddings at the class boundaries"),
-    "generate": (("images",), "render the sampled embeddings with Stable Diffusion (torchrun: split over processes)"),
-    "train": (("classifier",), "Phase 3: train the classifier with the generated images (torchrun: data parallel)"),
-    "evaluate": (("report",), "FPR95, AUROC, AUPR and ID accuracy of the trained classifier on the OOD test sets"),
-}
-
-# Stages that may run under torchrun with more than one process.
-_DISTRIBUTED_STAGES = ("images", "classifier")
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -94,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dreamood {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = _common_options()
-    for name, (stages, text) in _STAGE_COMMANDS.items():
+    for name, (stages, text) in _stage_commands().items():
         sub = commands.add_parser(name, parents=[common], help=text, description=text[0].upper() + text[1:] + ".")
         sub.add_argument("--force", action="store_true", help="redo the stage even when its artefact exists")
         sub.set_defaults(handler=_run_stages, stages=stages)
@@ -127,9 +118,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the resolved configuration and the state of each stage and baseline, run nothing",
+        help="print the resolved configuration and what the run would do with each stage (reuse, make, resume, "
+        "redo and why) and baseline, run nothing",
+    )
+    run.add_argument(
+        "--on-change",
+        choices=("redo", "refuse"),
+        default="redo",
+        help="a finished stage whose settings or inputs changed: redo it and everything after it (default), or "
+        "refuse and say what changed",
     )
     run.set_defaults(handler=_run_all, stages=())
+    verify = commands.add_parser(
+        "verify",
+        help="check a run folder: stage records, artefact digests, generated images, checkpoints",
+        description="Check every artefact of a run folder against what made it and report every problem "
+        "(exit code 1 when there is one).",
+    )
+    verify.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (output_dir of the run)")
+    verify.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    verify.add_argument("-q", "--quiet", action="store_true", help="print problems only")
+    verify.set_defaults(handler=_verify)
     commands.add_parser(
         "demo",
         help="run DREAM-OOD end to end on bundled digits, offline (options: dreamood demo --help)",
@@ -145,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- helpers -------------------------------------------------------------------------------------------------
 
 
+def _stage_commands() -> dict[str, tuple[tuple[str, ...], str]]:
+    """Subcommand -> (the stages it runs, one-line help), from the stage records."""
+    from dreamood.pipeline import STAGES
+
+    commands: dict[str, tuple[tuple[str, ...], str]] = {}
+    for stage in STAGES:
+        names, _ = commands.get(stage.command, ((), stage.help))
+        commands[stage.command] = ((*names, stage.name), stage.help)
+    return commands
+
+
 def _parse_overrides(items: Sequence[str]) -> dict[str, str]:
     overrides: dict[str, str] = {}
     for item in items:
@@ -155,24 +175,59 @@ def _parse_overrides(items: Sequence[str]) -> dict[str, str]:
     return overrides
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The configuration (with overrides) and the smoke data when ``--smoke`` is given."""
-    from dreamood.config import load_config
-    from dreamood.pipeline import smoke_setup
-
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--set`` overrides and the flags that set configuration keys."""
     overrides: dict[str, Any] = _parse_overrides(args.overrides)
     for key, value in (("output_dir", args.output_dir), ("device", args.device), ("seed", args.seed)):
         if value is not None:
             overrides[key] = value
     if args.no_progress:
         overrides["progress"] = False
-    config = load_config(args.config, overrides)
+    return overrides
+
+
+def _load(args: argparse.Namespace) -> Any:
+    """The configuration, with the overrides."""
+    from dreamood.config import load_config
+
+    return load_config(args.config, _overrides(args))
+
+
+def _shrink(args: argparse.Namespace, config: Any) -> tuple[Any, Any]:
+    """The configuration and the smoke data when ``--smoke`` is given (the configuration and ``None`` otherwise)."""
     if not args.smoke:
         return config, None
     import torch
 
+    from dreamood.testing import smoke_setup
+
     torch.set_num_threads(1)  # tiny models: extra threads only add overhead
-    return smoke_setup(config, config.output_dir)
+    small, data = smoke_setup(config, config.output_dir)
+    _notice_smoke_overrides(_overrides(args), config, small)
+    return small, data
+
+
+def _folder_lock(config: Any, *, enabled: bool = True) -> contextlib.AbstractContextManager[Any]:
+    """The run folder's lock for the whole command (only rank 0 of a torchrun run takes it)."""
+    from dreamood.pipeline.lock import RunFolderLock
+
+    if not enabled or int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return RunFolderLock(config.output_dir)
+
+
+def _notice_smoke_overrides(overrides: dict[str, Any], asked: Any, used: Any) -> None:
+    """Say which of the user's settings (``--set``, ``--device``, ...) --smoke replaced with its own tiny ones."""
+    from dreamood.pipeline.records import flatten
+
+    asked_values, used_values = dict(flatten(asked.to_dict())), dict(flatten(used.to_dict()))
+    replaced = [
+        f"{key}={asked_values[key]!r} (--smoke uses {used_values[key]!r})"
+        for key in overrides
+        if key in asked_values and key != "output_dir" and used_values.get(key) != asked_values[key]
+    ]
+    if replaced:
+        logging.getLogger("dreamood").warning("--smoke replaces your settings: %s", ", ".join(replaced))
 
 
 def _world_size() -> int:
@@ -180,48 +235,14 @@ def _world_size() -> int:
 
 
 def _check_distributed(stages: Sequence[str], command: str) -> None:
-    if _world_size() > 1 and any(stage not in _DISTRIBUTED_STAGES for stage in stages):
+    from dreamood.pipeline import STAGES, stage_named
+
+    if _world_size() > 1 and not all(stage_named(name).distributed for name in stages):
+        supported = " and ".join(f"`{stage.command}`" for stage in STAGES if stage.distributed)
         raise ValueError(
-            f"`dreamood {command}` runs in one process; under torchrun only `train` and `generate` are supported "
+            f"`dreamood {command}` runs in one process; under torchrun only {supported} are supported "
             "(run the other stages without torchrun)"
         )
-
-
-def _summary(stage: str, result: Any) -> str:
-    if stage == "anchors":
-        return f"anchors: {result.num_classes} classes, dimension {result.dim}"
-    if stage == "encoder":
-        return f"encoder: {type(result.backbone).__name__} -> {result.embedding_dim}-d embeddings"
-    if stage == "bank":
-        return f"feature bank: {len(result)} embeddings of {result.num_classes} classes"
-    if stage == "samples":
-        return f"samples: {len(result)} embeddings ({result.config.get('mode', 'outlier')} mode)"
-    if stage == "images":
-        return f"images: {result}"
-    if stage == "classifier":
-        return f"classifier: {type(result.backbone).__name__}, {result.num_classes} classes"
-    return str(result)
-
-
-def _execute(pipe: Any, stage: str) -> Any:
-    """Run one stage of ``pipe``, loading its inputs from the output folder."""
-    if stage == "anchors":
-        return pipe.anchors()
-    if stage == "encoder":
-        return pipe.fit_encoder(pipe.load("anchors"))
-    if stage == "bank":
-        return pipe.feature_bank(pipe.load("encoder"))
-    if stage == "samples":
-        return pipe.sample(pipe.load("bank"), pipe.load("anchors"))
-    if stage == "images":
-        return pipe.generate(pipe.load("samples"))
-    if stage == "classifier":
-        return pipe.train(pipe.load("images"))
-    model = pipe.load("classifier")
-    report = pipe.evaluate(model)
-    if pipe.config.method == "dream-id":
-        print(_accuracy_line(pipe.generalization(model)))
-    return report
 
 
 def _accuracy_line(accuracy: dict[str, float]) -> str:
@@ -229,7 +250,9 @@ def _accuracy_line(accuracy: dict[str, float]) -> str:
     return json.dumps({name: round(100 * value, 2) for name, value in accuracy.items()})
 
 
-def _compare_baselines(pipe: Any, names: Sequence[str], report: Any, accuracy: dict[str, float] | None) -> str:
+def _compare_baselines(
+    pipe: Pipeline, names: Sequence[str], report: OODReport, accuracy: dict[str, float] | None
+) -> str:
     """Run (or load) the baselines; the markdown table comparing them with the run (its accuracy for DREAM-ID)."""
     from dreamood.pipeline import accuracy_table, ood_table
 
@@ -242,25 +265,29 @@ def _compare_baselines(pipe: Any, names: Sequence[str], report: Any, accuracy: d
 
 
 def _run_stages(args: argparse.Namespace) -> int:
-    from dreamood.pipeline import Pipeline
+    from dreamood.pipeline import Pipeline, stage_named
 
     _check_distributed(args.stages, args.command)
-    config, data = _load(args)
-    pipe = Pipeline(config, data, force=args.stages if args.force else ())
-    pipe.write_config()
-    for stage in args.stages:
-        result = _execute(pipe, stage)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(_summary(stage, result))
+    config = _load(args)
+    with _folder_lock(config):
+        config, data = _shrink(args, config)
+        pipe = Pipeline(config, data, force=args.stages if args.force else ())
+        pipe.write_config()
+        for name in args.stages:
+            stage = stage_named(name)
+            result = pipe.run_stage(stage)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(stage.summary(result))
+            if stage.name == "report" and config.method == "dream-id":
+                print(_accuracy_line(pipe.generalization(pipe.load("classifier"))))
     return 0
 
 
 def _run_all(args: argparse.Namespace) -> int:
-    from dreamood.io import atomic_write, remove_temporaries
-    from dreamood.pipeline import BASELINES, SMOKE_BASELINES, STAGES, Pipeline, parse_baselines
+    from dreamood.pipeline import BASELINES, STAGES, parse_baselines
 
-    _check_distributed(STAGES, "run")
-    config, data = _load(args)
+    _check_distributed([stage.name for stage in STAGES], "run")
+    config = _load(args)
     try:
         baselines = parse_baselines(args.baselines, config.method)
     except ValueError as error:
@@ -268,13 +295,25 @@ def _run_all(args: argparse.Namespace) -> int:
     not_run = [name for name in args.force if name in BASELINES and name not in baselines]
     if not_run:
         raise ValueError(f"--force names baseline(s) {', '.join(not_run)} that this run does not run (see --baselines)")
-    force = [*STAGES, *baselines] if "all" in args.force else list(args.force)
-    pipe = Pipeline(config, data, force=force, baselines=SMOKE_BASELINES if args.smoke else None)
+    force = [*(stage.name for stage in STAGES), *baselines] if "all" in args.force else list(args.force)
+    with _folder_lock(config, enabled=not args.dry_run):
+        config, data = _shrink(args, config)
+        return _run_pipeline(args, config, data, force, baselines)
+
+
+def _run_pipeline(
+    args: argparse.Namespace, config: Any, data: Any, force: Sequence[str], baselines: Sequence[str]
+) -> int:
+    from dreamood.io import atomic_write, remove_temporaries
+    from dreamood.pipeline import SMOKE_BASELINES, Pipeline
+
+    pipe = Pipeline(
+        config, data, force=force, baselines=SMOKE_BASELINES if args.smoke else None, on_change=args.on_change
+    )
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
-        for stage in STAGES:
-            state = "forced" if stage in pipe.force else "done" if pipe.is_done(stage) else "to do"
-            print(f"{stage:<11} {state:<6} {pipe.path(stage)}")
+        for status in pipe.plan():
+            print(f"{status.stage:<11} {status.state:<7} {pipe.path(status.stage)}  ({status.reason})")
         for name in baselines:
             path = pipe.baseline_path(name)
             state = "forced" if name in pipe.force else "done" if path.is_file() else "to do"
@@ -294,6 +333,17 @@ def _run_all(args: argparse.Namespace) -> int:
             handle.write(table + "\n")
         print(table)
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from dreamood.pipeline.verify import verify_run
+
+    problems = verify_run(args.run_dir)
+    for problem in problems:
+        print(f"problem: {problem}")
+    if not args.quiet:
+        print(f"{args.run_dir}: {len(problems)} problem(s)" if problems else f"{args.run_dir}: no problem found")
+    return 1 if problems else 0
 
 
 def _run_demo(argv: Sequence[str]) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import sys
 import types
@@ -65,7 +66,18 @@ def _require(condition: bool, message: str) -> None:
 
 
 def _positive(value: float, name: str, *, allow_zero: bool = False) -> None:
-    _require(value >= 0 if allow_zero else value > 0, f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    bound = ">= 0" if allow_zero else "> 0"
+    _require(math.isfinite(value), f"{name} must be a finite number {bound}, got {value}")
+    _require(value >= 0 if allow_zero else value > 0, f"{name} must be {bound}, got {value}")
+
+
+def _at_most(value: float, limit: float, name: str, meaning: str) -> None:
+    _require(value <= limit, f"{name} must be at most {limit:g} ({meaning}), got {value:g}")
+
+
+def _momentum(value: float, name: str) -> None:
+    _positive(value, name, allow_zero=True)
+    _require(value < 1, f"{name} must be in [0, 1) (SGD momentum; 0.9 in the paper), got {value}")
 
 
 def _one_of(value: str, choices: Sequence[str], name: str) -> None:
@@ -160,7 +172,7 @@ class EncoderConfig:
         _positive(self.epochs, "epochs")
         _positive(self.batch_size, "batch_size")
         _positive(self.lr, "lr")
-        _positive(self.momentum, "momentum", allow_zero=True)
+        _momentum(self.momentum, "momentum")
         _positive(self.weight_decay, "weight_decay", allow_zero=True)
         _positive(self.temperature, "temperature")
         if self.amp is not None:
@@ -211,6 +223,8 @@ class SamplerConfig:
         for name in ("k", "boundary", "anchors_per_round", "candidates_per_anchor", "keep", "num_per_class"):
             _positive(getattr(self, name), name)
         _positive(self.sigma, "sigma")
+        # The bank's embeddings have norm 1 and the paper uses 0.01-0.07: beyond this the noise is all there is.
+        _at_most(self.sigma, 10.0, "sigma", "standard deviation of noise around unit-norm embeddings")
         _require(
             self.anchors_per_round <= self.boundary,
             f"anchors_per_round ({self.anchors_per_round}) must not exceed boundary ({self.boundary})",
@@ -408,7 +422,8 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         _one_of(self.benchmark, BENCHMARKS, "benchmark")
         _one_of(self.method, METHODS, "method")
-        _positive(self.seed, "seed", allow_zero=True)
+        _require(0 <= self.seed < 2**63, f"seed must be an integer in [0, 2**63) (torch's generators), got {self.seed}")
+        _require(self.output_dir.strip() != "", "output_dir must name a folder, got an empty string")
         _require(
             self.generation.images_per_class <= self.sampler.num_per_class,
             f"generation.images_per_class ({self.generation.images_per_class}) must not exceed "
@@ -556,8 +571,11 @@ def _read_toml(text: str) -> dict[str, Any]:
 def _read_file(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"configuration file not found: {path}")
-    text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not a text file (not UTF-8: {error.reason} at byte {error.start})") from None
     try:
         if suffix == ".toml":
             return _read_toml(text)

@@ -27,3 +27,11 @@ class NonFiniteError(DreamoodError, ValueError):
 
 class NotFittedError(DreamoodError, ValueError, AttributeError):
     """A detector or index was used before ``fit`` (or after a hyperparameter change discarded its fit)."""
+
+
+class RunFolderLockedError(DreamoodError, RuntimeError):
+    """Another process writes into the run folder (it holds the folder's lock)."""
+
+
+class StaleArtifactError(DreamoodError, RuntimeError):
+    """A finished stage's artefact was made from other settings or inputs, and the run was asked not to redo it."""

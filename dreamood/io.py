@@ -190,10 +190,13 @@ def _content_digest(tensors: Mapping[str, Tensor], text: str) -> str:
 def load_artifact(path: str | os.PathLike[str], *, kind: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Load an artefact written by :func:`save_artifact` and check that it is of type ``kind``.
 
+    The content digest that :func:`save_artifact` stored in both files is recomputed from the tensors and the
+    sidecar, so a tensor or a metadata value changed after saving, or two files of different saves, are refused.
+
     Raises:
         FileNotFoundError: The tensor file or its sidecar is missing.
-        ArtifactError: Either file is corrupt or truncated, the two files come from different saves, or the
-            artefact is of another kind.
+        ArtifactError: Either file is corrupt or truncated, the two files come from different saves, the content
+            differs from what was saved, or the artefact is of another kind.
     """
     from safetensors.torch import load as load_bytes
 
@@ -216,7 +219,9 @@ def load_artifact(path: str | os.PathLike[str], *, kind: str) -> tuple[dict[str,
     except Exception as error:  # safetensors raises its own error types for corrupt headers
         raise ArtifactError(f"{target} is not a readable safetensors file ({error})") from error
     expected_id = info.get("artifact_id")
-    if expected_id is not None and _header_metadata(data).get("artifact_id") != expected_id:
+    if not isinstance(expected_id, str):
+        raise ArtifactError(f"sidecar {sidecar} has no 'artifact_id', so {target} cannot be verified; save it again")
+    if _header_metadata(data).get("artifact_id") != expected_id:
         raise ArtifactError(
             f"{target} and its sidecar {sidecar} come from two different saves (an interrupted or partial copy); "
             "save the artefact again"
@@ -224,6 +229,12 @@ def load_artifact(path: str | os.PathLike[str], *, kind: str) -> tuple[dict[str,
     expected = info.get("tensors")
     if isinstance(expected, list) and sorted(tensors) != sorted(expected):
         raise ArtifactError(f"{target} holds tensors {sorted(tensors)}, its sidecar lists {sorted(expected)}")
+    described = {key: value for key, value in info.items() if key != "artifact_id"}
+    if _content_digest(tensors, json.dumps(described, sort_keys=True)) != expected_id:
+        raise ArtifactError(
+            f"{target} or its sidecar {sidecar} was changed after it was saved (its content digest no longer "
+            f"matches {expected_id[:12]}...): a value was edited or the file is damaged; remake the artefact"
+        )
     return tensors, info["metadata"]
 
 

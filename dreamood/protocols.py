@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from dreamood.sampling.samples import EmbeddingSamples
 
 __all__ = [
+    "AnchorSource",
     "Embedder",
     "EmbeddingDecoder",
     "EmbeddingSampler",
@@ -35,6 +36,20 @@ class Embedder(Protocol):
 
     def embed(self, images: Tensor) -> Tensor:
         """Return the L2-normalised embeddings of ``images``."""
+        ...
+
+
+@runtime_checkable
+class AnchorSource(Protocol):
+    """Gives the class anchors T(y) for a list of class names (step 1 of DREAM-OOD).
+
+    A callable: for example the rows of a text encoder's token table
+    (:meth:`~dreamood.anchors.TokenEmbeddings.from_pretrained` with the names filled in), or a decoder's learned
+    class embeddings (``lambda names: decoder.token_embeddings``).
+    """
+
+    def __call__(self, class_names: Sequence[str]) -> TokenEmbeddings:
+        """Return one anchor per name of ``class_names``, in that order."""
         ...
 
 

@@ -11,14 +11,22 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from dreamood.config import PipelineConfig
+    from dreamood.pipeline import PipelineData
 
 __all__ = [
     "TINY_WORDS",
+    "smoke_setup",
     "tiny_clip_text_encoder",
     "tiny_clip_tokenizer",
     "tiny_stable_diffusion_pipeline",
@@ -33,6 +41,139 @@ TINY_WORDS: tuple[str, ...] = (
     "cat", "dog", "car", "ship", "apple", "bird", "horse", "truck", "frog", "deer", "plane",
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "digit",
 )  # fmt: skip
+
+
+# ---- smoke runs ---------------------------------------------------------------------------------------------
+
+_SMOKE_CLASSES: dict[str, list[str]] = {
+    "cifar100": ["apple", "bird", "cat", "dog"],
+    "imagenet100": ["bird", "frog", "horse", "ship"],
+    "folder": ["car", "deer", "plane", "truck"],
+}
+
+
+def smoke_setup(
+    config: PipelineConfig,
+    output_dir: str | os.PathLike[str],
+    *,
+    per_class: int = 24,
+    image_size: int = 32,
+    model_dir: str | os.PathLike[str] | None = None,
+) -> tuple[PipelineConfig, PipelineData]:
+    """Shrink ``config`` to a run that checks the whole wiring on a CPU in seconds, with random data.
+
+    Every stage runs as in a real run, through the same code, but with a tiny randomly initialised Stable
+    Diffusion (saved to ``model_dir`` and loaded back from there, like real weights), four classes of random
+    images (one random prototype per class plus noise, pixels in ``[0, 1]``, normalised like the benchmark's
+    images), two random OOD sets, a rotated copy of the ID test set as generalisation set, a small CNN, a few
+    epochs and a few generated images per class. The OOD numbers it produces mean nothing; the classifier does
+    learn the four classes. Run the baselines with :data:`SMOKE_BASELINES`.
+
+    Args:
+        config: The configuration to shrink (its benchmark, method and seed are kept).
+        output_dir: Folder of the smoke run.
+        per_class: Random training images per class.
+        image_size: Side of the random images.
+        model_dir: Folder of the tiny Stable Diffusion, written when it does not hold one yet; default
+            ``output_dir/tiny-stable-diffusion``.
+
+    Returns:
+        The shrunk configuration and the random datasets.
+    """
+    from torch.utils.data import TensorDataset
+
+    from dreamood._utils import library_progress_bars
+    from dreamood.data.transforms import get_transform
+    from dreamood.pipeline import PipelineData
+    from dreamood.pipeline.data import normalization_of
+
+    root = Path(output_dir).expanduser()
+    model = root / "tiny-stable-diffusion" if model_dir is None else Path(model_dir).expanduser()
+    if not (model / "model_index.json").is_file():
+        with (
+            tempfile.TemporaryDirectory() as scratch,
+            library_progress_bars(["transformers", "diffusers"], enabled=config.progress),
+        ):
+            tiny_stable_diffusion_pipeline(scratch).save_pretrained(str(model))
+        # Newer transformers save only tokenizer.json; SD v1.x folders also hold vocab.json and merges.txt.
+        write_tiny_clip_tokenizer(model / "tokenizer")
+    names = _SMOKE_CLASSES[config.benchmark]
+    keep = 1 if config.method == "dream-id" else 2
+    small = config.replace(
+        **{
+            "output_dir": str(root),
+            "device": "cpu",
+            "data.class_names": names,
+            "data.image_size": image_size,
+            "data.num_workers": 0,
+            "anchors.model": str(model),
+            "encoder.backbone": "small",
+            "encoder.epochs": 3,
+            "encoder.batch_size": 16,
+            "bank.per_class": 16,
+            "bank.batch_size": 32,
+            "sampler.k": 4,
+            "sampler.boundary": 8,
+            "sampler.anchors_per_round": 4,
+            "sampler.candidates_per_anchor": 32,
+            "sampler.keep": keep,
+            "sampler.num_per_class": 8,
+            "generation.model": str(model),
+            "generation.steps": 2,
+            "generation.height": 64,
+            "generation.width": 64,
+            "generation.save_size": image_size,
+            "generation.images_per_class": 4,
+            "generation.batch_size": 8,
+            "generation.dtype": "fp32",
+            "training.backbone": "small",
+            "training.epochs": 6,
+            "training.batch_size": 16,
+            "training.outlier_batch_size": 8,
+            "training.init_checkpoint": None,
+            "training.pretrain_epochs": min(config.training.pretrain_epochs, 1),
+            "evaluation.repeats": 2,
+            "evaluation.batch_size": 64,
+        }
+    )
+    from dreamood.baselines import rotate_images
+
+    generator = torch.Generator().manual_seed(config.seed)
+    shape = (3, image_size, image_size)
+    prototypes = torch.rand(len(names), *shape, generator=generator)
+    mean, std = (torch.tensor(values).view(3, 1, 1) for values in normalization_of(config.benchmark))
+
+    def pixels(count: int) -> tuple[Tensor, Tensor]:
+        labels = torch.arange(len(names)).repeat_interleave(count)
+        noise = 0.2 * torch.randn(len(labels), *shape, generator=generator)
+        return (prototypes[labels] + noise).clamp(0.0, 1.0), labels
+
+    def normalized(images: Tensor, labels: Tensor | None = None) -> TensorDataset:
+        images = (images - mean) / std  # as the benchmark's transforms normalise real images
+        return TensorDataset(images) if labels is None else TensorDataset(images, labels)
+
+    train_pixels, train_labels = pixels(per_class)
+    test_pixels, test_labels = pixels(max(per_class // 2, 3))
+    train = normalized(train_pixels, train_labels)
+    ood: dict[str, Dataset[Any]] = {
+        "Gaussian noise": normalized((0.5 + 0.25 * torch.randn(40, *shape, generator=generator)).clamp(0.0, 1.0)),
+        "Uniform noise": normalized(torch.rand(40, *shape, generator=generator)),
+    }
+    rotated = rotate_images(test_pixels, 15.0, seed=config.seed)
+    data = PipelineData(
+        names,
+        train,
+        train,
+        normalized(test_pixels, test_labels),
+        ood,
+        generated_transform=get_transform(config.benchmark, "generated", image_size=image_size),
+        generalization={"ID test, rotated": normalized(rotated, test_labels)},
+        raw_train=TensorDataset(train_pixels, train_labels),
+    )
+    return small, data
+
+
+# ---- tiny models -------------------------------------------------------------------------------------------
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from dreamood.config import load_config
-from dreamood.pipeline import SMOKE_BASELINES, Pipeline, accuracy_table, ood_table, parse_baselines, smoke_setup
+from dreamood.pipeline import SMOKE_BASELINES, Pipeline, accuracy_table, ood_table, parse_baselines
+from dreamood.testing import smoke_setup
 
 
 def main(argv: Sequence[str] | None = None) -> int:

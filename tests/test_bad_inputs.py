@@ -909,7 +909,71 @@ CLI_CASES: list[CliCase] = [
         2,
         r"argument --seed: invalid int value: 'abc'",
     ),
+    CliCase(
+        "cli-infinite-sigma",
+        lambda tmp: ["run", "--dry-run", "--output-dir", str(tmp), "--set", "sampler.sigma=inf"],
+        1,
+        r"sampler.sigma must be a finite number > 0, got inf",
+    ),
+    CliCase(
+        "cli-huge-sigma",
+        lambda tmp: ["run", "--dry-run", "--output-dir", str(tmp), "--set", "sampler.sigma=1e300"],
+        1,
+        r"sampler.sigma must be at most 10 \(standard deviation of noise around unit-norm embeddings\), got 1e\+300",
+    ),
+    CliCase(
+        "cli-infinite-weight-decay",
+        lambda tmp: ["run", "--dry-run", "--output-dir", str(tmp), "--set", "encoder.weight_decay=inf"],
+        1,
+        r"encoder.weight_decay must be a finite number >= 0, got inf",
+    ),
+    CliCase(
+        "cli-momentum-above-one",
+        lambda tmp: ["run", "--dry-run", "--output-dir", str(tmp), "--set", "encoder.momentum=5"],
+        1,
+        r"encoder.momentum must be in \[0, 1\) \(SGD momentum; 0.9 in the paper\), got 5",
+    ),
+    CliCase(
+        "cli-empty-output-dir",
+        lambda tmp: ["run", "--dry-run", "--output-dir", ""],
+        1,
+        r"output_dir must name a folder, got an empty string",
+    ),
+    CliCase(
+        "cli-seed-too-large",
+        lambda tmp: ["run", "--dry-run", "--output-dir", str(tmp), "--seed", str(2**64)],
+        1,
+        r"seed must be an integer in \[0, 2\*\*63\) \(torch's generators\), got 18446744073709551616",
+    ),
+    CliCase(
+        "cli-binary-config-file",
+        lambda tmp: ["run", "--dry-run", "--config", str(_binary_file(tmp / "run.toml"))],
+        1,
+        r"run.toml is not a text file \(not UTF-8",
+    ),
+    CliCase(
+        "cli-run-folder-in-use",
+        lambda tmp: ["anchors", "--output-dir", str(_locked_by_another_process(tmp))],
+        1,
+        r"is in use by process \d+ on this machine .*delete .*\.dreamood\.lock",
+    ),
 ]
+
+
+def _binary_file(path: Path) -> Path:
+    path.write_bytes(bytes(range(256)))
+    return path
+
+
+def _locked_by_another_process(folder: Path) -> Path:
+    """A run folder whose lock names a live process of this machine other than this one (the parent)."""
+    import os
+    import socket
+
+    folder.mkdir(parents=True, exist_ok=True)
+    holder = {"host": socket.gethostname(), "pid": os.getppid(), "command": "dreamood run", "since": "now"}
+    (folder / ".dreamood.lock").write_text(json.dumps({**holder, "token": "other"}))
+    return folder
 
 
 @pytest.mark.parametrize("bad", CLI_CASES, ids=[c.id for c in CLI_CASES])

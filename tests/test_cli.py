@@ -15,7 +15,8 @@ import pytest
 import dreamood
 from dreamood.cli import main
 from dreamood.config import PipelineConfig
-from dreamood.pipeline import STAGES, smoke_setup
+from dreamood.pipeline import STAGES
+from dreamood.testing import smoke_setup
 
 STAGE_COMMANDS = ("anchors", "fit-encoder", "sample", "generate", "train", "evaluate")
 
@@ -101,13 +102,7 @@ def test_stage_commands_run_in_order_and_write_their_artefacts(staged_run: dict[
     assert [row["name"] for row in report["rows"]] == ["Gaussian noise", "Uniform noise"]
     assert "Gaussian noise" in stdout and "FPR95 (ID+)" in stdout
     for stage in STAGES:
-        assert (out / ("images/manifest.jsonl" if stage == "images" else _artifact(stage))).exists()
-
-
-def _artifact(stage: str) -> str:
-    from dreamood.pipeline import ARTIFACTS
-
-    return ARTIFACTS[stage]
+        assert (out / stage.done_marker()).exists()
 
 
 def test_run_after_the_stages_skips_everything(
@@ -119,11 +114,11 @@ def test_run_after_the_stages_skips_everything(
     assert main(_smoke("run", out, "--dry-run")) == 0
     status = capsys.readouterr().out
     for stage in STAGES:
-        assert any(line.split()[:2] == [stage, "done"] for line in status.splitlines()), stage
+        assert any(line.split()[:2] == [stage.name, "done"] for line in status.splitlines()), stage.name
     assert main(_smoke("run", out)) == 0
     captured = capsys.readouterr()
     for stage in STAGES:
-        assert f"[{stage}] skipped" in captured.err
+        assert f"[{stage.name}] skipped" in captured.err
     assert "running" not in captured.err
     _, evaluate_stdout, _ = staged_run["evaluate"]  # type: ignore[misc]
     assert captured.out == evaluate_stdout
@@ -199,7 +194,7 @@ def test_only_train_and_generate_run_under_torchrun(
     for command in ("anchors", "run", "evaluate"):
         assert main([command, "--output-dir", str(tmp_path)]) == 1
         (line,) = _error_lines(capsys)
-        assert "under torchrun only `train` and `generate` are supported" in line
+        assert "under torchrun only `generate` and `train` are supported" in line
 
 
 def test_demo_is_loaded_lazily(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -363,9 +363,9 @@ def test_killed_pipeline_run_does_not_redo_finished_stages(tmp_path: Path) -> No
 
 
 def _stage_files(stages: list[str]) -> list[str]:
-    from dreamood.pipeline import ARTIFACTS
+    from dreamood.pipeline import stage_named
 
-    return [Path(ARTIFACTS[stage]).stem for stage in stages]
+    return [Path(stage_named(stage).artifact).stem for stage in stages]
 
 
 # ---- full disks and permission errors -------------------------------------------------------------------------

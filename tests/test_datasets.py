@@ -401,7 +401,8 @@ def test_build_data_reads_cifar100_once_per_split_with_unchanged_datasets(
     import torchvision.datasets.cifar
 
     from dreamood.config import load_config
-    from dreamood.pipeline import _raw_transform, build_data
+    from dreamood.pipeline import build_data
+    from dreamood.pipeline.data import _raw_transform
 
     _fake_cifar(tmp_path / "cifar", n=6)
     _fake_cifar_ood_root(tmp_path / "ood")

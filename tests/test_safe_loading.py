@@ -111,7 +111,7 @@ def test_pipeline_stage_artefacts_refuse_malicious_checkpoints(stage: str, tmp_p
     images = TensorDataset(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1]))
     data = pipeline.PipelineData(["cat", "dog"], images, images, images, {"noise": images})
     TokenEmbeddings(["cat", "dog"], torch.eye(2, 8) + 0.1).save(tmp_path / "anchors.safetensors")
-    _plant(tmp_path / pipeline.ARTIFACTS[stage], {"model": {}}, marker)
+    _plant(tmp_path / pipeline.stage_named(stage).artifact, {"model": {}}, marker)
     with pytest.raises(ArtifactError, match="cannot be loaded safely"):
         pipeline.Pipeline(config, data).load(stage)
 

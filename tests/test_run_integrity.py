@@ -1,0 +1,298 @@
+"""A run folder that cannot lie: the lock, stage fingerprints and downstream redo, verified artefacts, `verify`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dreamood.cli import main as cli_main
+from dreamood.config import PipelineConfig, load_config
+from dreamood.errors import ArtifactError, RunFolderLockedError, StaleArtifactError
+from dreamood.io import load_artifact
+from dreamood.pipeline import STAGES, Pipeline, PipelineData
+from dreamood.pipeline.lock import LOCK_NAME, RunFolderLock
+from dreamood.pipeline.verify import check_generated_folder, verify_run
+from dreamood.testing import smoke_setup
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+MODEL: list[Path] = []  # one tiny Stable Diffusion for every run of this module, outside the run folders
+
+
+def _smoke(out: Path, **changes: object) -> tuple[PipelineConfig, PipelineData]:
+    config, data = smoke_setup(load_config("cifar100", {"progress": False}), out, model_dir=MODEL[0])
+    return (config.replace(**changes) if changes else config), data
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    MODEL[:] = [tmp_path_factory.mktemp("model") / "tiny-stable-diffusion"]
+    out = tmp_path_factory.mktemp("integrity") / "run"
+    config, data = _smoke(out)
+    Pipeline(config, data).run()
+    return out
+
+
+@pytest.fixture()
+def run_copy(finished_run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy)
+    return copy
+
+
+# ---- the lock ------------------------------------------------------------------------------------------------
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen[str]:
+    """A second process that takes the run folder's lock and keeps it until it is killed."""
+    code = (
+        "import sys, time\n"
+        "from dreamood.pipeline.lock import RunFolderLock\n"
+        "RunFolderLock(sys.argv[1]).acquire()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True, env=env)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_process_gets_one_clear_line_and_a_killed_holder_leaves_a_stale_lock(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "run"
+    holder = _hold_lock(folder)
+    try:
+        with pytest.raises(RunFolderLockedError, match=rf"is in use by process {holder.pid} on this machine"):
+            RunFolderLock(folder).acquire()
+        code = cli_main(["run", "--smoke", "--output-dir", str(folder), "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(err) == 1 and f"is in use by process {holder.pid}" in err[0], err
+        assert not (folder / "config.json").exists()  # nothing was written by the refused run
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert json.loads((folder / LOCK_NAME).read_text())["pid"] == holder.pid  # left behind by the kill
+    with caplog.at_level(logging.WARNING, logger="dreamood"), RunFolderLock(folder) as lock:
+        assert lock.held and json.loads((folder / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert f"removed the stale lock {folder / LOCK_NAME} of process {holder.pid}" in caplog.text
+    assert not (folder / LOCK_NAME).exists()
+
+
+def test_two_real_runs_on_one_folder_never_mix(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def start(seed: int) -> subprocess.Popen[str]:
+        argv = ["-m", "dreamood", "run", "--smoke", "--output-dir", str(folder), "--seed", str(seed), "--no-progress"]
+        return subprocess.Popen(
+            [sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+
+    first = start(0)
+    deadline = time.monotonic() + 60
+    while not (folder / LOCK_NAME).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = start(1)
+    second_out, second_err = second.communicate(timeout=120)
+    _, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err
+    assert second.returncode == 1 and "is in use by process" in second_err and second_out == "", second_err
+    assert json.loads((folder / "config.json").read_text())["seed"] == 0
+    assert verify_run(folder) == []
+
+
+def test_a_lock_from_another_host_is_never_taken_over(tmp_path: Path) -> None:
+    tmp_path.joinpath(LOCK_NAME).write_text(json.dumps({"host": f"not-{socket.gethostname()}", "pid": 1, "token": "x"}))
+    with pytest.raises(RunFolderLockedError, match="is in use by process 1 on host not-"):
+        RunFolderLock(tmp_path).acquire()
+
+
+def test_the_lock_is_reentrant_within_a_process(tmp_path: Path) -> None:
+    outer, inner = RunFolderLock(tmp_path), RunFolderLock(tmp_path)
+    with outer, inner:
+        assert (tmp_path / LOCK_NAME).exists()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+# ---- fingerprints ----------------------------------------------------------------------------------------------
+
+
+def test_a_finished_run_plans_to_reuse_everything_and_records_every_stage(finished_run: Path) -> None:
+    config, data = _smoke(finished_run)
+    pipe = Pipeline(config, data)
+    assert [status.state for status in pipe.plan()] == ["done"] * len(STAGES)
+    for stage in STAGES:
+        record = json.loads((finished_run / "stages" / f"{stage.name}.json").read_text())
+        assert record["status"] == "done" and record["fingerprint"] == pipe.fingerprint(stage)
+        assert stage.done_marker() in record["files"] or stage.name == "images"
+    assert verify_run(finished_run) == []
+    assert cli_main(["verify", str(finished_run)]) == 0
+
+
+def test_a_changed_setting_redoes_its_stage_and_everything_after_it(
+    run_copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config, data = _smoke(run_copy, **{"sampler.sigma": 0.5})
+    plan = {status.stage: status for status in Pipeline(config, data).plan()}
+    assert [plan[name].state for name in ("anchors", "encoder", "bank")] == ["done"] * 3
+    assert plan["samples"].state == "redo" and plan["samples"].reason == "sampler.sigma changed"
+    assert all(plan[name].state == "redo" for name in ("images", "classifier", "report"))
+    with pytest.raises(StaleArtifactError, match=r"samples artefact .* \(sampler.sigma changed\)"):
+        Pipeline(config, data, on_change="refuse").run()
+    encoder_time = (run_copy / "encoder.pt").stat().st_mtime_ns
+    samples = (run_copy / "samples.safetensors").read_bytes()
+    with caplog.at_level(logging.INFO, logger="dreamood"):
+        Pipeline(config, data).run()
+    assert "[samples] running (redo: sampler.sigma changed)" in caplog.text
+    assert "[images] running (redo: input samples changed)" in caplog.text
+    assert "[report] running (redo: input classifier changed)" in caplog.text
+    assert (run_copy / "encoder.pt").stat().st_mtime_ns == encoder_time
+    assert (run_copy / "samples.safetensors").read_bytes() != samples
+    assert [status.state for status in Pipeline(config, data).plan()] == ["done"] * len(STAGES)
+    assert verify_run(run_copy) == []
+
+
+def test_a_new_method_or_benchmark_does_not_reuse_the_old_results(finished_run: Path) -> None:
+    config, data = _smoke(finished_run, method="dream-id", **{"sampler.keep": 1})
+    plan = {status.stage: status for status in Pipeline(config, data).plan()}
+    assert plan["samples"].state == "redo" and "method changed" in plan["samples"].reason
+    assert plan["classifier"].state == "redo"
+    config, data = _smoke(finished_run, **{"data.class_names": ["bird", "frog", "horse", "ship"]})
+    plan = {status.stage: status for status in Pipeline(config, data).plan()}
+    assert plan["anchors"].state == "redo" and "data.class_names changed" in plan["anchors"].reason
+
+
+def test_an_interrupted_stage_whose_settings_changed_starts_afresh(run_copy: Path) -> None:
+    config, data = _smoke(run_copy, **{"training.epochs": 2})
+    record = json.loads((run_copy / "stages" / "classifier.json").read_text())
+    (run_copy / "stages" / "classifier.json").write_text(json.dumps({**record, "status": "running"}))
+    (run_copy / "classifier" / "checkpoint.pt").write_bytes(b"another run's checkpoint")  # would fail to load
+    Pipeline(config, data).run()
+    history = json.loads((run_copy / "classifier" / "metrics.json").read_text())["history"]
+    assert len(history) == 2
+
+
+def test_an_interrupted_stage_with_the_same_settings_resumes(run_copy: Path) -> None:
+    config, data = _smoke(run_copy)
+    record = json.loads((run_copy / "stages" / "classifier.json").read_text())
+    (run_copy / "stages" / "classifier.json").write_text(json.dumps({**record, "status": "running"}))
+    pipe = Pipeline(config, data)
+    assert pipe.status("classifier").state == "resume"
+    weights = (run_copy / "classifier.pt").read_bytes()
+    pipe.run()
+    assert (run_copy / "classifier.pt").read_bytes() == weights  # resumed from its last checkpoint: same model
+
+
+# ---- verified artefacts ------------------------------------------------------------------------------------------
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_a_changed_bit_in_an_artefact_is_refused_on_load(run_copy: Path) -> None:
+    _flip_last_byte(run_copy / "feature_bank.safetensors")
+    config, data = _smoke(run_copy)
+    with pytest.raises(ArtifactError, match=r"feature_bank.safetensors was changed after the bank stage wrote it"):
+        Pipeline(config, data).load("bank")
+    with pytest.raises(ArtifactError, match="was changed after it was saved"):
+        load_artifact(run_copy / "feature_bank.safetensors", kind="FeatureBank")
+    problems = verify_run(run_copy)
+    assert any("feature_bank.safetensors was changed" in problem for problem in problems), problems
+    assert cli_main(["verify", str(run_copy), "-q"]) == 1
+
+
+def test_edited_metadata_and_mismatched_sidecars_are_refused(run_copy: Path) -> None:
+    sidecar = run_copy / "anchors.json"
+    info = json.loads(sidecar.read_text())
+    info["metadata"]["class_names"] = ["pear", *info["metadata"]["class_names"][1:]]
+    sidecar.write_text(json.dumps(info))
+    with pytest.raises(ArtifactError, match="anchors.safetensors or its sidecar .* was changed after it was saved"):
+        load_artifact(run_copy / "anchors.safetensors", kind="TokenEmbeddings")
+    del info["artifact_id"]
+    sidecar.write_text(json.dumps(info))
+    with pytest.raises(ArtifactError, match="has no 'artifact_id'"):
+        load_artifact(run_copy / "anchors.safetensors", kind="TokenEmbeddings")
+
+
+def test_a_cut_manifest_is_refused_before_training(run_copy: Path) -> None:
+    manifest = run_copy / "images" / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(lines[: len(lines) // 2]) + "\n")
+    problems = check_generated_folder(run_copy / "images", images_per_class=4, num_classes=4)
+    assert problems and "lists 8 images, expected 4 for each of 4 classes" in problems[0]
+    config, data = _smoke(run_copy)
+    with pytest.raises(ArtifactError, match="manifest.jsonl was changed after the images stage wrote it"):
+        Pipeline(config, data, force=["classifier"]).run()
+
+
+@pytest.mark.parametrize("damage", ["swapped", "tiny", "rgba", "sixteen-bit", "jpeg"])
+def test_damaged_generated_images_are_found(run_copy: Path, damage: str) -> None:
+    folder = run_copy / "images"
+    rows = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    first, other = folder / rows[0]["path"], folder / rows[-1]["path"]
+    if damage == "swapped":
+        first_bytes = first.read_bytes()
+        first.write_bytes(other.read_bytes())
+        other.write_bytes(first_bytes)
+        expected = "is not the image its manifest row describes"
+    elif damage == "tiny":
+        Image.new("RGB", (1, 1)).save(first, format="PNG")
+        expected = "is 1x1, expected 32x32"
+    elif damage == "rgba":
+        Image.new("RGBA", (32, 32)).save(first, format="PNG")
+        expected = "in mode RGBA, expected an 8-bit RGB PNG"
+    elif damage == "sixteen-bit":
+        Image.new("I;16", (32, 32)).save(first, format="PNG")
+        expected = "expected an 8-bit RGB PNG"
+    else:
+        Image.new("RGB", (32, 32)).save(first, format="JPEG")
+        expected = "is a JPEG image in mode RGB"
+    problems = check_generated_folder(folder, images_per_class=4, num_classes=4, image_size=32)
+    assert any(expected in problem for problem in problems), problems
+
+
+# ---- files of the run folder that are not artefacts ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", ["", "not json", "[]"])
+def test_a_damaged_config_or_timings_file_is_reported_and_replaced(
+    run_copy: Path, content: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    (run_copy / "config.json").write_text(content)
+    (run_copy / "timings.json").write_text(content)
+    config, data = _smoke(run_copy)
+    with caplog.at_level(logging.WARNING, logger="dreamood"):
+        Pipeline(config, data, force=["report"]).run()
+    assert f"{run_copy / 'config.json'} " in caplog.text and f"{run_copy / 'timings.json'} " in caplog.text
+    assert json.loads((run_copy / "config.json").read_text()) == config.to_dict()
+    assert set(json.loads((run_copy / "timings.json").read_text())) == {"report"}
+
+
+def test_smoke_says_which_settings_it_replaces(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["run", "--smoke", "--dry-run", "--output-dir", str(tmp_path), "--set", "encoder.epochs=50"]
+    assert cli_main([*argv, "--device", "cpu"]) == 0
+    assert "--smoke replaces your settings: encoder.epochs=50 (--smoke uses 3)" in capsys.readouterr().err
+
+
+def test_an_artefact_without_a_record_is_remade(run_copy: Path) -> None:
+    (run_copy / "stages" / "report.json").unlink()
+    config, data = _smoke(run_copy)
+    status = Pipeline(config, data).status("report")
+    assert status.state == "to do" and "no stage record" in status.reason
