@@ -316,7 +316,7 @@ def _run_pipeline(
             print(f"{status.stage:<11} {status.state:<7} {pipe.path(status.stage)}  ({status.reason})")
         for name in baselines:
             path = pipe.baseline_path(name)
-            state = "forced" if name in pipe.force else "done" if path.is_file() else "to do"
+            state = "forced" if name in pipe.force else "done" if pipe.baseline_is_done(name) else "to do"
             print(f"{'baseline ' + name:<24} {state:<6} {path}")
         return 0
     report = pipe.run()

@@ -10,10 +10,12 @@ half-written artefact under the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -247,10 +249,27 @@ def _header_metadata(data: bytes) -> dict[str, Any]:
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
-    """Atomically ``torch.save`` a checkpoint made of tensors, numbers, strings, lists and dicts."""
+    """Atomically ``torch.save`` a checkpoint made of tensors, numbers, strings, lists and dicts.
+
+    Raises:
+        OSError: The file cannot be written; a full disk is said as such (``errno.ENOSPC``), naming the file and
+            the free space, and the checkpoint previously at ``path``, if any, is left as it was.
+    """
     target = Path(path)
-    with atomic_write(target) as handle:
-        torch.save(dict(state), handle)
+    try:
+        with atomic_write(target) as handle:
+            torch.save(dict(state), handle)
+    except (OSError, RuntimeError) as error:
+        # torch's zip writer reports a failed write as "[enforce fail ...] unexpected pos ..."
+        disk_full = getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error)
+        if not disk_full:
+            raise
+        free = shutil.disk_usage(target.parent).free / 2**20
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left on the device while writing the checkpoint {target} ({free:.0f} MiB free); free some "
+            "space and run again (the previous checkpoint, if any, is unchanged)",
+        ) from error
     return target
 
 

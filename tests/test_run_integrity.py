@@ -296,3 +296,71 @@ def test_an_artefact_without_a_record_is_remade(run_copy: Path) -> None:
     config, data = _smoke(run_copy)
     status = Pipeline(config, data).status("report")
     assert status.state == "to do" and "no stage record" in status.reason
+
+
+# ---- boundaries the run relies on ---------------------------------------------------------------------------------
+
+
+def test_a_full_disk_while_saving_a_checkpoint_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from dreamood.io import save_checkpoint
+
+    save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 1})
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr("torch.save", full)
+    with pytest.raises(
+        OSError, match=r"no space left on the device while writing the checkpoint .*checkpoint.pt"
+    ) as error:
+        save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 2})
+    assert error.value.errno == errno.ENOSPC
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert [path.name for path in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left behind
+
+
+def test_samples_labels_must_name_a_class() -> None:
+    import torch
+
+    from dreamood.sampling.samples import EmbeddingSamples
+
+    with pytest.raises(ValueError, match=r"labels must be below the number of class names \(2\), got label 7"):
+        EmbeddingSamples(torch.zeros(2, 4), torch.tensor([0, 7]), class_names=["cat", "dog"])
+    with pytest.raises(ValueError, match=r"labels must be class indices >= 0, got -1"):
+        EmbeddingSamples(torch.zeros(2, 4), torch.tensor([0, -1]))
+
+
+def test_a_half_precision_bank_is_accepted_and_a_string_generator_refused() -> None:
+    import torch
+
+    from dreamood.anchors import TokenEmbeddings
+    from dreamood.feature_bank import FeatureBank
+    from dreamood.sampling.knn_boundary import KNNBoundarySampler
+
+    vectors = torch.nn.functional.normalize(torch.randn(24, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    bank = FeatureBank(vectors.half(), torch.arange(2).repeat_interleave(12))
+    anchors = TokenEmbeddings(["cat", "dog"], 0.4 * vectors[:2])
+    sampler = KNNBoundarySampler(k=3, boundary_size=4, anchors_per_round=2, candidates_per_anchor=8, keep_per_anchor=1)
+    samples = sampler.sample(bank, anchors, 4)
+    assert samples.vectors.shape == (8, 16)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got str 'seed'"):
+        sampler.sample(bank, anchors, 4, generator="seed")  # type: ignore[arg-type]
+
+
+def test_a_baseline_made_from_other_settings_is_redone(run_copy: Path) -> None:
+    from dreamood.pipeline import SMOKE_BASELINES
+
+    config, data = _smoke(run_copy)
+    pipe = Pipeline(config, data, baselines=SMOKE_BASELINES)
+    pipe.ood_baseline("godin")
+    assert pipe.baseline_is_done("godin")
+    (pipe.baseline_dir("godin") / "left-over").write_text("from the first configuration")
+    changed = Pipeline(config.replace(**{"training.epochs": 2}), data, baselines=SMOKE_BASELINES)
+    assert not changed.baseline_is_done("godin")
+    changed.ood_baseline("godin")
+    assert not (changed.baseline_dir("godin") / "left-over").exists()
+    history = json.loads((changed.baseline_dir("godin") / "training" / "metrics.json").read_text())["history"]
+    assert len(history) == 2 and changed.baseline_is_done("godin") and not pipe.baseline_is_done("godin")

@@ -172,6 +172,7 @@ class BaselineRunner:
         self.pipe = pipe
         self.settings = settings
         self._redone: set[Path] = set()  # results and classifiers of forced baselines redone by this object
+        self._started: set[str] = set()  # baselines whose folder this object prepared
 
     def baseline_dir(self, name: str) -> Path:
         """The folder of a baseline's artefacts: ``output_dir/baselines/<name>``.
@@ -322,8 +323,83 @@ class BaselineRunner:
         return accuracy
 
     def _baseline_done(self, name: str, path: Path) -> bool:
-        """Whether ``path`` (a baseline's result or classifier) is to be used as it is, rather than redone."""
-        return path.is_file() and (name not in self.pipe.force or path in self._redone)
+        """Whether ``path`` (a baseline's result or classifier) is to be used as it is, rather than redone.
+
+        It is, when it exists, its baseline was made from the run's current settings, and it is not forced (or
+        was redone by this object already). Otherwise the baseline's folder is prepared for a fresh start.
+        """
+        if path.is_file() and self._is_current(name) and (name not in self.pipe.force or path in self._redone):
+            return True
+        self._start(name)
+        return False
+
+    def fingerprint(self, name: str) -> str:
+        """The SHA-256 of what a baseline's results depend on: the run's training, data and evaluation settings,
+        the baselines' settings and the backbone factory (the generic-prompt images add the generation settings).
+
+        Args:
+            name: A name from :data:`BASELINES`.
+
+        Returns:
+            The hexadecimal fingerprint.
+        """
+        from dataclasses import asdict
+
+        from dreamood.pipeline.records import fingerprint_of, settings_of
+        from dreamood.pipeline.stages import CLASSIFIER
+
+        keys = ["training", "data", "seed", "benchmark", "method", "evaluation"]
+        if name == "generic-prompts":
+            keys.append("generation")
+        settings = settings_of(self.pipe.config.to_dict(), keys)
+        settings.update({f"baselines.{key}": value for key, value in asdict(self.settings).items()})
+        settings["class names"] = self.pipe.class_names
+        components = self.pipe.components_of(CLASSIFIER)
+        return fingerprint_of(f"baseline {name}", settings, components, {})
+
+    def _record_path(self, name: str) -> Path:
+        return self.baseline_dir(name) / "fingerprint.json"
+
+    def is_done(self, name: str) -> bool:
+        """Whether a baseline's result exists and was made from the run's current settings.
+
+        Args:
+            name: A name from :data:`BASELINES`.
+
+        Returns:
+            ``True`` when the baseline would be skipped (unless forced).
+        """
+        return self.baseline_path(name).is_file() and self._is_current(name)
+
+    def _recorded(self, name: str) -> str | None:
+        """The fingerprint recorded in the baseline's folder (``None``: none, as an older dreamood left it)."""
+        path = self._record_path(name)
+        try:
+            recorded = json.loads(path.read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return recorded if isinstance(recorded, str) else None
+
+    def _is_current(self, name: str) -> bool:
+        return self._recorded(name) == self.fingerprint(name)
+
+    def _start(self, name: str) -> None:
+        """Before a baseline runs: delete what another configuration left in its folder, then record this one."""
+        if not is_main_process():
+            return
+        import shutil
+
+        folder, recorded = self.baseline_dir(name), self._recorded(name)
+        changed = recorded is not None and recorded != self.fingerprint(name)
+        forced = name in self.pipe.force and name not in self._started
+        if (changed or forced) and folder.is_dir():
+            logger.info("[baseline %s] starts afresh: %s", name, "forced" if forced else "its settings changed")
+            shutil.rmtree(folder)
+        self._started.add(name)
+        if not self._is_current(name):
+            record = self._record_path(name)
+            with atomic_write(record, "w") as handle:
+                json.dump({"fingerprint": self.fingerprint(name)}, handle)
 
     def _mark_redone(self, name: str, path: Path) -> None:
         if name in self.pipe.force:

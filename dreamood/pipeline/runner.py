@@ -353,6 +353,18 @@ class Pipeline:
 
     # ---- fingerprints -----------------------------------------------------------------------------------
 
+    def components_of(self, stage: Stage[Any]) -> dict[str, str]:
+        """The component ``stage`` uses, by role, as its fingerprint names it (``"from the configuration"`` when
+        none was passed in, else the class or function's qualified name).
+
+        Args:
+            stage: A stage record.
+
+        Returns:
+            ``{role: description}``; empty for a stage that uses no component.
+        """
+        return self._components(stage)
+
     def _components(self, stage: Stage[Any]) -> dict[str, str]:
         if stage.component is None:
             return {}
@@ -510,10 +522,10 @@ class Pipeline:
             start = time.perf_counter()
             result = stage.make(self, *inputs)
             seconds = time.perf_counter() - start
-            logger.info("[%s] done in %.1f s: %s", stage.name, seconds, self.path(stage))
             if is_main_process():
                 self._write_record(stage, "done")
                 self._record_time(stage.name, seconds)
+            logger.info("[%s] done in %.1f s: %s", stage.name, seconds, self.path(stage))
             return result
 
     def _delete_state(self, stage: Stage[Any]) -> None:
@@ -828,6 +840,17 @@ class Pipeline:
             ValueError: ``name`` is not a baseline.
         """
         return self._baseline_runner.baseline_path(name)
+
+    def baseline_is_done(self, name: str) -> bool:
+        """Whether a baseline's result exists and was made from the run's current settings.
+
+        Args:
+            name: A name from :data:`~dreamood.pipeline.BASELINES`.
+
+        Returns:
+            ``True`` when the baseline would be skipped (unless forced).
+        """
+        return self._baseline_runner.is_done(name)
 
     def ood_baseline(self, name: str) -> OODReport:
         """Train (or load) an OOD-detection baseline and evaluate it on the run's OOD test sets.

@@ -56,6 +56,12 @@ class EmbeddingSamples:
             raise TypeError(f"labels must be an integer tensor, got {targets.dtype}")
         if targets.shape[0] != rows:
             raise ValueError(f"labels has {targets.shape[0]} entries but vectors has {rows} rows")
+        if rows and int(targets.min()) < 0:
+            raise ValueError(f"labels must be class indices >= 0, got {int(targets.min())}")
+        if class_names is not None and rows and int(targets.max()) >= len(class_names):
+            raise ValueError(
+                f"labels must be below the number of class names ({len(class_names)}), got label {int(targets.max())}"
+            )
         if anchor_index is None:
             anchors = torch.full((rows,), -1, dtype=torch.long, device=table.device)
         else:
