@@ -261,9 +261,8 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> P
             torch.save(dict(state), handle)
     except (OSError, RuntimeError) as error:
         # torch's zip writer reports a failed write as "[enforce fail ...] unexpected pos ..."
-        disk_full = getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error)
-        if not disk_full:
-            raise
+        if not (isinstance(error, RuntimeError) and "unexpected pos" in str(error)):
+            raise  # an OSError already names the file and its errno
         free = shutil.disk_usage(target.parent).free / 2**20
         raise OSError(
             errno.ENOSPC,

@@ -566,7 +566,7 @@ def _(env: Env) -> Any:
     return FeatureBank.load(_saved_anchors(env))
 
 
-@case("artefact-sidecar-names-other-classes", ArtifactError, r"inconsistent: vectors has 2 rows but there are 3 class")
+@case("artefact-sidecar-names-other-classes", ArtifactError, r"anchors.json was changed after it was saved")
 def _(env: Env) -> Any:
     path = _saved_anchors(env)
     sidecar = json.loads(path.with_suffix(".json").read_text())
