@@ -45,13 +45,14 @@ def progress(
     total: int | None = None,
     leave: bool = False,
 ) -> Iterator[T]:
-    """Wrap ``iterable`` in a tqdm progress bar unless ``enabled`` is false."""
+    """Wrap ``iterable`` in a tqdm progress bar unless ``enabled`` is false or the output is not a terminal."""
     if not enabled:
         yield from iterable
         return
     from tqdm.auto import tqdm
 
-    yield from tqdm(iterable, desc=desc, total=total, leave=leave, dynamic_ncols=True)
+    # disable=None: tqdm draws nothing when stderr is not a terminal (a log file gets no carriage returns).
+    yield from tqdm(iterable, desc=desc, total=total, leave=leave, dynamic_ncols=True, disable=None)
 
 
 # The modules whose disable_progress_bar() / enable_progress_bar() switch a library's own tqdm bars.

@@ -318,6 +318,14 @@ def _run_pipeline(
             path = pipe.baseline_path(name)
             state = "forced" if name in pipe.force else "done" if pipe.baseline_is_done(name) else "to do"
             print(f"{'baseline ' + name:<24} {state:<6} {path}")
+        from dreamood.pipeline.preflight import check_requirements
+
+        missing = check_requirements(pipe)
+        for problem in missing:
+            print(f"missing: {problem}")
+        if missing:
+            raise ValueError(f"the run cannot start: {len(missing)} thing(s) missing (listed above)")
+        print("ready: every data folder, model folder and resource the run needs is there")
         return 0
     report = pipe.run()
     print(report)

@@ -364,3 +364,34 @@ def test_a_baseline_made_from_other_settings_is_redone(run_copy: Path) -> None:
     assert not (changed.baseline_dir("godin") / "left-over").exists()
     history = json.loads((changed.baseline_dir("godin") / "training" / "metrics.json").read_text())["history"]
     assert len(history) == 2 and changed.baseline_is_done("godin") and not pipe.baseline_is_done("godin")
+
+
+# ---- dry runs check what the run needs ------------------------------------------------------------------------------
+
+
+def test_a_dry_run_lists_everything_the_run_lacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["run", "--dry-run", "--output-dir", str(tmp_path / "run"), "--set", f"data.root={tmp_path / 'none'}"]
+    argv += ["--set", f"data.ood_root={tmp_path / 'ood'}", "--set", f"anchors.model={tmp_path / 'sd'}"]
+    argv += ["--set", f"generation.model={tmp_path / 'sd'}"]
+    assert cli_main(argv) == 1
+    captured = capsys.readouterr()
+    missing = [line for line in captured.out.splitlines() if line.startswith("missing: ")]
+    assert any("CIFAR-100 not found: no folder" in line for line in missing), missing
+    assert sum("OOD test set" in line for line in missing) == 5  # Textures, SVHN, Places365, LSUN-C, iSUN
+    assert any(line.startswith("missing: anchors.model: pretrained model") for line in missing), missing
+    assert any(line.startswith("missing: generation.model: pretrained model") for line in missing), missing
+    assert f"the run cannot start: {len(missing)} thing(s) missing" in captured.err
+
+
+def test_a_dry_run_checks_the_disk_space_for_the_images(
+    finished_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dreamood.pipeline import preflight
+
+    config, data = _smoke(tmp_path / "fresh")
+    pipe = Pipeline(config, data)
+    assert preflight.check_requirements(pipe) == []
+    monkeypatch.setattr(preflight, "_free_bytes", lambda folder: 1000)
+    (problem,) = preflight.check_requirements(pipe)
+    assert problem.startswith("not enough disk space for the images: 16 images of 32x32 take about")
+    assert preflight.check_requirements(Pipeline(*_smoke(finished_run))) == []  # nothing left to generate

@@ -157,6 +157,7 @@ class Pipeline:
         self.force = frozenset(force)
         self.baselines = BaselineConfig() if baselines is None else baselines
         self._data = data
+        self._data_given = data is not None
         self._anchor_source = anchor_source
         self._sampler = sampler
         self._default_sampler: EmbeddingSampler | None = None
@@ -167,6 +168,18 @@ class Pipeline:
         self._fresh: set[str] = set()  # stages this object started afresh
 
     # ---- components -------------------------------------------------------------------------------------
+
+    @property
+    def has_given_data(self) -> bool:
+        """Whether the datasets were passed in (rather than built from ``config.data``)."""
+        return self._data_given
+
+    @property
+    def given_components(self) -> frozenset[str]:
+        """The components passed in, by role (``"anchor_source"``, ``"sampler"``, ``"decoder_factory"``,
+        ``"backbone_factory"``); the others follow the configuration."""
+        roles = ("anchor_source", "sampler", "decoder_factory", "backbone_factory")
+        return frozenset(role for role in roles if getattr(self, f"_{role}") is not None)
 
     @property
     def data(self) -> PipelineData:
