@@ -292,9 +292,6 @@ def run_loop(args: argparse.Namespace, setup: Setup, device: torch.device) -> li
         compile=setup.compile,
         compile_mode=setup.compile_mode,
         cudnn_benchmark=setup.cudnn_benchmark,
-        device=str(device),
-        seed=args.seed,
-        progress=False,
     )
     if setup.sync_every is not None:
         config = replace(config, sync_every=setup.sync_every)
@@ -305,7 +302,7 @@ def run_loop(args: argparse.Namespace, setup: Setup, device: torch.device) -> li
         outliers = [images for images, _ in make_batches(args, args.batch_size - id_size, args.seed + 1)]
         extra = {"outlier_loader": outliers, "regularizer": EnergyOODRegularizer(head="linear")}
     with compile_backend(args.compile_backend):
-        train_classifier(model, loader, config, **extra)
+        train_classifier(model, loader, config, device=str(device), seed=args.seed, progress=False, **extra)
     return loader.seconds[args.warmup_epochs :]
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "PipelineConfig",
     "SamplerConfig",
     "TrainConfig",
+    "TrainingConfig",
     "apply_overrides",
     "config_from_dict",
     "load_config",
@@ -54,6 +55,8 @@ BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "small")
 #: ``torch.compile`` modes accepted by the decoder and the training loop (defined here, where no torch import is
 #: needed). ``"reduce-overhead"`` replays CUDA graphs; the ``max-autotune`` modes benchmark kernel choices.
 COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: Autocast dtypes accepted by the encoder and the training loop's ``amp``.
+AMP_DTYPES: tuple[str, ...] = ("bf16", "fp16")
 
 
 class ConfigError(DreamoodError, ValueError):
@@ -82,6 +85,30 @@ def _momentum(value: float, name: str) -> None:
 
 def _one_of(value: str, choices: Sequence[str], name: str) -> None:
     _require(value in choices, f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+# The checks of TrainingConfig, with the messages of dreamood._validation (which imports torch, so it cannot be
+# used here): TypeError for a value of the wrong type, ConfigError (a ValueError) for one out of range.
+
+
+def _finite_number(value: float, name: str, *, allow_zero: bool = False) -> None:
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}") from None
+    bound = ">= 0" if allow_zero else "> 0"
+    _require(
+        (number >= 0 if allow_zero else number > 0) and math.isfinite(number),
+        f"{name} must be a finite number {bound}, got {value!r}",
+    )
+
+
+def _count(value: int, name: str, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    _require(value > 0 or (allow_zero and value == 0), f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -297,18 +324,106 @@ class GenerationConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainingConfig:
+    """Hyper-parameters and engineering options of :func:`~dreamood.training.train_classifier`.
+
+    The defaults follow the DREAM-OOD paper and its public code: SGD with Nesterov momentum 0.9, weight decay
+    5e-4, a cosine learning rate updated every step down to ``min_lr``. The paper trains CIFAR-100 from scratch
+    for 200 epochs with ``lr=0.1, beta=2.5`` and fine-tunes ImageNet-100 for 20 epochs with ``lr=0.001,
+    beta=1.0`` from a cross-entropy model. What a call trains on and where (device, seed, output folder,
+    resuming, initial weights, progress bar) are arguments of :func:`~dreamood.training.train_classifier`.
+    :class:`TrainConfig`, the ``[training]`` section of a run configuration, extends this class; use
+    ``dataclasses.replace(config, lr=0.01)`` for a copy with other values.
+
+    Args:
+        epochs: Number of epochs.
+        lr: Peak learning rate (the first step's).
+        beta: Weight of the outlier loss: ``loss = CE + beta * L_ood``.
+        momentum: SGD momentum.
+        nesterov: Use Nesterov momentum.
+        weight_decay: L2 weight decay on every trained parameter (classifier and regulariser).
+        min_lr: Learning rate reached by the cosine schedule after the last step.
+        ood_start_epoch: Number of epochs trained with cross-entropy alone before the outlier loss starts (VOS
+            starts at epoch 40 of 100); a feature sampler still sees every batch from the first epoch on.
+        amp: ``None`` (full precision), ``"bf16"`` or ``"fp16"`` autocast; ``"fp16"`` also scales the loss.
+        channels_last: Convert the model and 4-D image batches to the channels-last memory format.
+        compile: Run the forward pass through ``torch.compile``.
+        compile_mode: ``torch.compile``'s ``mode`` with ``compile=True``: ``None`` (its default), ``"default"``,
+            ``"reduce-overhead"`` (CUDA graphs), ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``.
+        cudnn_benchmark: Set ``torch.backends.cudnn.benchmark`` (cuDNN times its convolution algorithms and keeps
+            the fastest) while :func:`~dreamood.training.train_classifier` runs, and restore the previous value
+            afterwards; ``False`` leaves the setting as it is.
+        sync_every: Read the step statistics (losses, accuracy counts, label checks) back from the
+            device every this many steps (default 10) and at the end of every epoch, so the host does not wait
+            for the device at every step; the epoch metrics do not depend on it. A non-finite loss is reported at
+            the next read-back and names the first bad step, but by then that step and up to ``sync_every - 1``
+            more have updated the model, so its weights in memory may be NaN (the checkpoint on disk is the last
+            completed epoch's). ``1`` checks every step before its update. The progress bar moves at read-backs.
+
+    Raises:
+        ValueError: A number is out of range, ``amp`` or ``compile_mode`` is unknown, or ``compile_mode`` is set
+            without ``compile=True`` (a :class:`ConfigError`).
+        TypeError: A count is not an int or a number is not a number.
+    """
+
+    epochs: int
+    lr: float = 0.1
+    beta: float = 1.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    min_lr: float = 1e-6
+    ood_start_epoch: int = 0
+    amp: str | None = None
+    channels_last: bool = False
+    compile: bool = False
+    compile_mode: str | None = None
+    cudnn_benchmark: bool = False
+    sync_every: int = 10
+
+    def __post_init__(self) -> None:
+        _count(self.epochs, "epochs")
+        _finite_number(self.lr, "lr")
+        _finite_number(self.beta, "beta", allow_zero=True)
+        _finite_number(self.momentum, "momentum", allow_zero=True)
+        _finite_number(self.weight_decay, "weight_decay", allow_zero=True)
+        _finite_number(self.min_lr, "min_lr", allow_zero=True)
+        _require(self.min_lr <= self.lr, f"min_lr must not exceed lr, got min_lr={self.min_lr!r} and lr={self.lr!r}")
+        _require(not (self.nesterov and self.momentum == 0), "nesterov=True needs momentum > 0, got momentum=0")
+        _count(self.ood_start_epoch, "ood_start_epoch", allow_zero=True)
+        if self.amp is not None:
+            _one_of(self.amp, AMP_DTYPES, "amp")
+        if self.compile_mode is not None:
+            _one_of(self.compile_mode, COMPILE_MODES, "compile_mode")
+            _require(self.compile, f"compile_mode={self.compile_mode!r} needs compile=True")
+        _count(self.sync_every, "sync_every")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the options as a JSON-serialisable dict.
+
+        Returns:
+            A dict mapping each field name to its value.
+        """
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig(TrainingConfig):
     """Phase 3: training the classifier with the energy regulariser on imagined outliers (paper Eq. 7).
 
+    The ``[training]`` section of a run configuration: the options of the training loop
+    (:class:`TrainingConfig`: ``epochs``, ``lr``, ``beta``, ``momentum``, ``nesterov``, ``weight_decay``,
+    ``min_lr``, ``ood_start_epoch``, ``amp``, ``channels_last``, ``compile``, ``compile_mode``,
+    ``cudnn_benchmark``, ``sync_every``, with its defaults except ``epochs = 200`` and ``beta = 2.5``, the
+    paper's CIFAR-100 recipe), plus the model, the batches and the initial weights below. An instance can be
+    passed to :func:`~dreamood.training.train_classifier` as it is; the loop reads only its own fields.
+
     Attributes:
+        epochs: Training epochs (default 200).
+        beta: Weight of the outlier loss (default 2.5).
         backbone: ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` or ``"small"``.
-        epochs: Training epochs.
-        lr: Peak learning rate of the per-step cosine schedule.
-        momentum: SGD momentum (Nesterov).
-        weight_decay: L2 weight decay.
         batch_size: ID images per step.
         outlier_batch_size: Generated images per step (outliers for DREAM-OOD, inliers for DREAM-ID).
-        beta: Weight of the outlier loss.
         head: ``"linear"`` (``Linear(1, 2)``) or ``"mlp"`` (``1 -> hidden_dim -> 2``) on the negative energy.
         hidden_dim: Width of the MLP head.
         energy_temperature: Temperature of the energy score.
@@ -316,49 +431,31 @@ class TrainConfig:
         pretrain_epochs: When no ``init_checkpoint`` is given and this is positive, first train the classifier
             with cross-entropy alone for this many epochs (at ``pretrain_lr``) and start from it.
         pretrain_lr: Learning rate of that cross-entropy pre-training.
-        amp: ``"bf16"`` or ``"fp16"`` autocast, or none.
-        channels_last: Train in the channels-last memory format.
-        compile: Run the forward pass through ``torch.compile``.
-        compile_mode: ``torch.compile`` mode with ``compile``: none (its default), ``"default"``,
-            ``"reduce-overhead"``, ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``.
-        cudnn_benchmark: Let cuDNN time its convolution algorithms and keep the fastest (fixed input sizes).
     """
 
-    backbone: str = "resnet34"
     epochs: int = 200
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    beta: float = 2.5
+    backbone: str = "resnet34"
     batch_size: int = 256
     outlier_batch_size: int = 256
-    beta: float = 2.5
     head: str = "linear"
     hidden_dim: int = 512
     energy_temperature: float = 1.0
     init_checkpoint: str | None = None
     pretrain_epochs: int = 0
     pretrain_lr: float = 0.1
-    amp: str | None = None
-    channels_last: bool = False
-    compile: bool = False
-    compile_mode: str | None = None
-    cudnn_benchmark: bool = False
 
     def __post_init__(self) -> None:
         _one_of(self.backbone, BACKBONES, "backbone")
-        for name in ("epochs", "batch_size", "outlier_batch_size", "hidden_dim"):
+        for name in ("batch_size", "outlier_batch_size", "hidden_dim"):
             _positive(getattr(self, name), name)
-        for name in ("lr", "energy_temperature", "pretrain_lr"):
+        for name in ("energy_temperature", "pretrain_lr"):
             _positive(getattr(self, name), name)
-        for name in ("momentum", "weight_decay", "beta"):
-            _positive(getattr(self, name), name, allow_zero=True)
         _positive(self.pretrain_epochs, "pretrain_epochs", allow_zero=True)
         _one_of(self.head, ("linear", "mlp"), "head")
-        if self.amp is not None:
-            _one_of(self.amp, ("bf16", "fp16"), "amp")
-        if self.compile_mode is not None:
-            _one_of(self.compile_mode, COMPILE_MODES, "compile_mode")
+        if self.compile_mode in COMPILE_MODES:  # TrainingConfig's check, phrased for a configuration file
             _require(self.compile, f"compile_mode={self.compile_mode!r} needs compile = true")
+        super().__post_init__()
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dreamood import EnergyOODRegularizer, FeatureOutlierSampler, ood_metrics, train_classifier
+from dreamood import EnergyOODRegularizer, FeatureOutlierSampler, TrainingConfig, ood_metrics, train_classifier
 from dreamood.evaluation import energy_score
 from dreamood.models import Classifier
 from dreamood.sampling.feature_samplers import NPOSSampler, VOSSampler
@@ -126,9 +126,7 @@ def main() -> dict[str, Any]:
     train_classifier(
         npos_model,
         loader(data),
-        epochs=15,
-        lr=0.05,
-        beta=0.5,
+        TrainingConfig(epochs=15, lr=0.05, beta=0.5),
         feature_sampler=npos,
         feature_extractor=npos_model.features,
         classifier_head=npos_model.head,

@@ -34,7 +34,7 @@ from dreamood.data.generated import GeneratedImageFolder
 from dreamood.decoding.generation import image_seed
 from dreamood.decoding.stable_diffusion import StableDiffusionDecoder
 from dreamood.models import Classifier, SmallConvNet
-from dreamood.training import train_classifier
+from dreamood.training import TrainingConfig, train_classifier
 
 
 def _digits(n: int = 12, classes: int = 3, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -186,12 +186,8 @@ def test_train_supervised_step_on_real_and_mixed_labels_is_exact() -> None:
     result = train_supervised(
         model,
         DataLoader(TensorDataset(images, labels), batch_size=6),
+        TrainingConfig(epochs=1, lr=0.05, momentum=0.0, nesterov=False, weight_decay=0.0),
         synthetic_id_loader=DataLoader(TensorDataset(extra, extra_targets), batch_size=4),
-        epochs=1,
-        lr=0.05,
-        momentum=0.0,
-        nesterov=False,
-        weight_decay=0.0,
         device="cpu",
         progress=False,
     )
@@ -211,8 +207,8 @@ def test_train_supervised_writes_checkpoints_and_resumes(tmp_path: Path) -> None
         result = train_supervised(
             model,
             DataLoader(TensorDataset(images, labels), batch_size=4),
+            TrainingConfig(epochs=2),
             synthetic_id_loader=DataLoader(TensorDataset(torch.rand(4, 1, 8, 8), mixed), batch_size=2),
-            epochs=2,
             output_dir=tmp_path,
             resume=True,
             device="cpu",
@@ -234,9 +230,7 @@ def test_cosine_schedule_of_train_supervised() -> None:
     result = train_supervised(
         Classifier(SmallConvNet(1, 8, width=4, seed=0), 3),
         DataLoader(TensorDataset(images, labels), batch_size=2),
-        epochs=2,
-        lr=0.1,
-        min_lr=0.01,
+        TrainingConfig(epochs=2, lr=0.1, min_lr=0.01),
         device="cpu",
         progress=False,
     )
@@ -253,8 +247,8 @@ def test_pools_plug_into_the_training_loops() -> None:
     result = train_classifier(
         Classifier(SmallConvNet(1, 8, width=4, seed=0), 3),
         id_loader,
+        TrainingConfig(epochs=1),
         synthetic_id_loader=DataLoader(pool, batch_size=3),
-        epochs=1,
         device="cpu",
         progress=False,
     )
@@ -263,8 +257,8 @@ def test_pools_plug_into_the_training_loops() -> None:
     result = train_supervised(
         Classifier(SmallConvNet(1, 8, width=4, seed=0), 3),
         AugmentedLoader(id_loader, "cutmix", num_classes=3),
+        TrainingConfig(epochs=1),
         synthetic_id_loader=DataLoader(cutmix, batch_size=3),
-        epochs=1,
         device="cpu",
         progress=False,
     )

@@ -176,7 +176,7 @@ def _(env: Env) -> Any:
 @case("train-classifier-nan-images", NonFiniteError, r"training loss is nan at epoch 1/1, step 1/1")
 def _(env: Env) -> Any:
     loader = DataLoader(TensorDataset(_with_nan(torch.randn(4, 2), (1, 1)), torch.tensor([0, 1, 0, 1])), batch_size=4)
-    return train_classifier(nn.Linear(2, 2), loader, epochs=1, device="cpu", progress=False)
+    return train_classifier(nn.Linear(2, 2), loader, TrainingConfig(epochs=1), device="cpu", progress=False)
 
 
 @case("image-grid-nan-images", NonFiniteError, r"images contains 1 NaN")
@@ -224,7 +224,7 @@ def _(env: Env) -> Any:
 @case("train-classifier-empty-loader", ValueError, r"id_loader is empty")
 def _(env: Env) -> Any:
     loader = DataLoader(TensorDataset(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)))
-    return train_classifier(nn.Linear(2, 2), loader, epochs=1, device="cpu", progress=False)
+    return train_classifier(nn.Linear(2, 2), loader, TrainingConfig(epochs=1), device="cpu", progress=False)
 
 
 @case("evaluator-empty-ood-loader", ValueError, r"the loader for 'scoring noise' yielded no batches")
@@ -318,7 +318,7 @@ def _(env: Env) -> Any:
 )
 def _(env: Env) -> Any:
     loader = DataLoader(TensorDataset(torch.randn(4, 2), torch.tensor([0, 1, 3, 1])), batch_size=4)
-    return train_classifier(nn.Linear(2, 2), loader, epochs=1, device="cpu", progress=False)
+    return train_classifier(nn.Linear(2, 2), loader, TrainingConfig(epochs=1), device="cpu", progress=False)
 
 
 @case("vos-features-change-dimension", ValueError, r"features have dimension 4 but the queues hold dimension 3")
@@ -610,7 +610,7 @@ def _(env: Env) -> Any:
     save_checkpoint(env.tmp / "checkpoint.pt", {"model": {"w": torch.ones(1)}})
     loader = DataLoader(TensorDataset(torch.randn(4, 2), torch.tensor([0, 1, 0, 1])), batch_size=4)
     return train_classifier(
-        nn.Linear(2, 2), loader, epochs=1, device="cpu", progress=False, output_dir=env.tmp, resume=True
+        nn.Linear(2, 2), loader, TrainingConfig(epochs=1), device="cpu", progress=False, output_dir=env.tmp, resume=True
     )
 
 
@@ -618,7 +618,12 @@ def _(env: Env) -> Any:
 def _(env: Env) -> Any:
     loader = DataLoader(TensorDataset(torch.randn(4, 2), torch.tensor([0, 1, 0, 1])), batch_size=4)
     return train_classifier(
-        nn.Linear(2, 2), loader, epochs=1, device="cpu", progress=False, init_checkpoint=env.tmp / "missing.pt"
+        nn.Linear(2, 2),
+        loader,
+        TrainingConfig(epochs=1),
+        device="cpu",
+        progress=False,
+        init_checkpoint=env.tmp / "missing.pt",
     )
 
 
@@ -727,7 +732,7 @@ def _(env: Env) -> Any:
 @case("device-name-unknown", ValueError, r"device.*'gpu'")
 def _(env: Env) -> Any:
     loader = DataLoader(TensorDataset(torch.randn(4, 2), torch.tensor([0, 1, 0, 1])), batch_size=4)
-    return train_classifier(nn.Linear(2, 2), loader, epochs=1, device="gpu", progress=False)
+    return train_classifier(nn.Linear(2, 2), loader, TrainingConfig(epochs=1), device="gpu", progress=False)
 
 
 @case("device-cuda-index-absent", ValueError, r"device.*'cuda:99'")

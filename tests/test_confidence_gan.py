@@ -28,7 +28,7 @@ from dreamood.baselines import (
 )
 from dreamood.io import load_checkpoint, save_checkpoint
 from dreamood.models import Classifier, SmallConvNet
-from dreamood.training import train_classifier
+from dreamood.training import TrainingConfig, train_classifier
 
 
 def _classifier(seed: int = 0, classes: int = 3) -> Classifier:
@@ -199,11 +199,9 @@ def _joint_run(seed: int) -> tuple[Classifier, ConfidenceGAN, float | None]:
     result = train_classifier(
         model,
         id_loader,
+        TrainingConfig(epochs=2, beta=0.5, lr=0.05),
         outlier_loader=gan.outlier_loader(real_loader, model),
         regularizer=UniformKLRegularizer(),
-        epochs=2,
-        beta=0.5,
-        lr=0.05,
         device="cpu",
         progress=False,
     )
@@ -303,12 +301,10 @@ def _resumable_joint_run(out_dir: Path, *, fail_after: int | None, seed: int) ->
     train_classifier(
         model,
         DataLoader(_FailingImages(images, labels, fail_after), batch_size=8),
+        TrainingConfig(epochs=3, beta=0.5, lr=0.05),
         outlier_loader=outliers,
         regularizer=UniformKLRegularizer(),
         extra_state={"gan": outliers},
-        epochs=3,
-        beta=0.5,
-        lr=0.05,
         device="cpu",
         progress=False,
         output_dir=out_dir,
@@ -342,6 +338,15 @@ def test_an_interrupted_joint_training_resumes_the_gan_exactly(tmp_path: Path) -
 def test_extra_state_needs_state_dict_and_load_state_dict() -> None:
     loader = DataLoader(TensorDataset(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)), batch_size=2)
     with pytest.raises(TypeError, match=r"extra_state\['gan'\] must have state_dict\(\) and load_state_dict"):
-        train_classifier(_classifier(), loader, extra_state={"gan": object()}, epochs=1, device="cpu", progress=False)
+        train_classifier(
+            _classifier(), loader, TrainingConfig(epochs=1), extra_state={"gan": object()}, device="cpu", progress=False
+        )
     with pytest.raises(TypeError, match="extra_state must map names"):
-        train_classifier(_classifier(), loader, extra_state=[_gan()], epochs=1, device="cpu", progress=False)  # type: ignore[arg-type]
+        train_classifier(
+            _classifier(),
+            loader,
+            TrainingConfig(epochs=1),
+            extra_state=[_gan()],  # type: ignore[arg-type]
+            device="cpu",
+            progress=False,
+        )

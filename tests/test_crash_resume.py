@@ -32,7 +32,7 @@ from dreamood.encoder import TextConditionedEncoder, fit_encoder
 from dreamood.feature_bank import FeatureBank
 from dreamood.io import load_checkpoint, save_checkpoint
 from dreamood.sampling.feature_samplers import NPOSSampler, VOSSampler
-from dreamood.training import EnergyOODRegularizer, train_classifier
+from dreamood.training import EnergyOODRegularizer, TrainingConfig, train_classifier
 
 WORKER = Path(__file__).resolve()
 REPO = WORKER.parents[1]
@@ -99,13 +99,11 @@ def _classifier_job(out_dir: Path, announce: bool) -> dict[str, Any]:
     result = train_classifier(
         model,
         _loader(announce),
+        TrainingConfig(epochs=EPOCHS, ood_start_epoch=1, lr=0.05),
         regularizer=regularizer,
         feature_sampler=VOSSampler(3, queue_size=4, sample_from=64, select=2, seed=4),
         feature_extractor=model[:3],
         classifier_head=model[3],
-        epochs=EPOCHS,
-        ood_start_epoch=1,
-        lr=0.05,
         device="cpu",
         output_dir=out_dir,
         resume=True,
@@ -266,12 +264,11 @@ def _sampler_run(sampler_name: str, out_dir: Path, fail_after: int | None) -> nn
     train_classifier(
         model,
         DataLoader(Data(), batch_size=6, shuffle=True, generator=torch.Generator().manual_seed(3)),
+        TrainingConfig(epochs=EPOCHS, lr=0.05),
         regularizer=EnergyOODRegularizer(head="linear"),
         feature_sampler=sampler,
         feature_extractor=model[:2],
         classifier_head=model[2],
-        epochs=EPOCHS,
-        lr=0.05,
         device="cpu",
         output_dir=out_dir,
         resume=True,
@@ -410,7 +407,12 @@ def test_permission_error_during_training_keeps_checkpoint_and_metrics(
     monkeypatch.setattr(tempfile, "mkstemp", _failing(tempfile.mkstemp, 2, denied))
     with pytest.raises(PermissionError, match=r"Permission denied \(while writing\): '.*checkpoint.pt'"):
         train_classifier(
-            model, _loader(announce=False), epochs=2, lr=0.05, device="cpu", output_dir=tmp_path, progress=False
+            model,
+            _loader(announce=False),
+            TrainingConfig(epochs=2, lr=0.05),
+            device="cpu",
+            output_dir=tmp_path,
+            progress=False,
         )
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1

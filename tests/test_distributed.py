@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
-from dreamood.training import EnergyOODRegularizer, train_classifier
+from dreamood.training import EnergyOODRegularizer, TrainingConfig, train_classifier
 from dreamood.training.distributed import DistributedContext, distributed_loader, gather_rows
 
 BATCH = 4  # per process
@@ -62,14 +62,12 @@ def _train(world_size: int, output_dir: Path | None) -> tuple[nn.Module, nn.Modu
     result = train_classifier(
         model,
         DataLoader(TensorDataset(x, y), batch_size=BATCH * scale),
+        TrainingConfig(epochs=2, lr=0.1, beta=1.5),
         outlier_loader=DataLoader(outliers, batch_size=OUTLIER_BATCH * scale),
         regularizer=regularizer,
         feature_sampler=_QueueSampler(),
         feature_extractor=model[:2],
         classifier_head=model[2],
-        epochs=2,
-        lr=0.1,
-        beta=1.5,
         output_dir=output_dir,
         device="cpu",
         progress=False,
@@ -185,7 +183,7 @@ def _bad_label_worker(out: Path) -> None:
     gc.disable()
     try:
         loader = DataLoader(TensorDataset(x, y), batch_size=BATCH)
-        train_classifier(model, loader, epochs=1, sync_every=3, device="cpu", progress=False)
+        train_classifier(model, loader, TrainingConfig(epochs=1, sync_every=3), device="cpu", progress=False)
         message = "no error"
     except ValueError as error:
         message = str(error)

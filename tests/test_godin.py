@@ -18,6 +18,7 @@ from dreamood.baselines import GODIN, GodinClassifier, GodinHead, train_godin
 from dreamood.detectors import NotFittedError
 from dreamood.evaluation import OODEvaluator, max_logit_score
 from dreamood.models import SmallConvNet
+from dreamood.training import TrainingConfig
 
 
 class FlatFeatures(nn.Module):
@@ -164,7 +165,11 @@ def test_train_godin_applies_no_weight_decay_to_h() -> None:
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     result = train_godin(
-        model, loader, epochs=1, lr=lr, momentum=momentum, weight_decay=decay, min_lr=0.0, device="cpu", progress=False
+        model,
+        loader,
+        TrainingConfig(epochs=1, lr=lr, momentum=momentum, weight_decay=decay, min_lr=0.0),
+        device="cpu",
+        progress=False,
     )
     assert result.final.steps == 1
     assert result.final.ce_loss == pytest.approx(float(loss.detach()), rel=1e-5)
@@ -173,4 +178,4 @@ def test_train_godin_applies_no_weight_decay_to_h() -> None:
         d_p = grads[name] + (0.0 if name == "head.weight" else decay) * before[name]
         torch.testing.assert_close(parameter.detach(), before[name] - lr * (1 + momentum) * d_p, rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="GodinClassifier"):
-        train_godin(nn.Linear(2, 2), loader, epochs=1)  # type: ignore[arg-type]
+        train_godin(nn.Linear(2, 2), loader, TrainingConfig(epochs=1))  # type: ignore[arg-type]

@@ -34,7 +34,7 @@ from dreamood.anchors import TokenEmbeddings
 from dreamood.encoder import CHECKPOINT_NAME, TextConditionedEncoder, fit_encoder
 from dreamood.errors import ArtifactError, ModelNotFoundError
 from dreamood.io import load_checkpoint
-from dreamood.training import train_classifier
+from dreamood.training import TrainingConfig, train_classifier
 
 PACKAGE_DIR = Path(dreamood.__file__).resolve().parent
 REPO = PACKAGE_DIR.parent
@@ -82,14 +82,16 @@ def test_training_resume_refuses_a_malicious_checkpoint(tmp_path: Path, marker: 
     model = nn.Linear(4, 2)
     _plant(tmp_path / "checkpoint.pt", {"format": "dreamood.training", "model": model.state_dict()}, marker)
     with pytest.raises(ArtifactError, match=r"checkpoint\.pt cannot be loaded safely"):
-        train_classifier(model, _loader(), epochs=1, device="cpu", progress=False, output_dir=tmp_path, resume=True)
+        train_classifier(
+            model, _loader(), TrainingConfig(epochs=1), device="cpu", progress=False, output_dir=tmp_path, resume=True
+        )
 
 
 def test_initial_weights_refuse_a_malicious_checkpoint(tmp_path: Path, marker: Path) -> None:
     model = nn.Linear(4, 2)
     path = _plant(tmp_path / "init.pt", dict(model.state_dict()), marker)
     with pytest.raises(ArtifactError, match=r"init\.pt cannot be loaded safely"):
-        train_classifier(model, _loader(), epochs=1, device="cpu", progress=False, init_checkpoint=path)
+        train_classifier(model, _loader(), TrainingConfig(epochs=1), device="cpu", progress=False, init_checkpoint=path)
 
 
 def test_load_checkpoint_refuses_a_payload_hidden_in_a_nested_container(tmp_path: Path, marker: Path) -> None:

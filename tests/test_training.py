@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from dreamood.config import TrainConfig
 from dreamood.errors import ArtifactError, NonFiniteError
 from dreamood.evaluation import OODEvaluator, energy_score, ood_metrics
 from dreamood.training import EnergyOODRegularizer, TrainingConfig, train_classifier
@@ -94,16 +96,13 @@ def test_one_step_matches_hand_computed_loss_and_nesterov_sgd_update() -> None:
     result = train_classifier(
         model,
         DataLoader(TensorDataset(x_id, y_id), batch_size=6),
+        TrainingConfig(epochs=1, lr=lr, beta=beta, weight_decay=wd),
         outlier_loader=DataLoader(TensorDataset(x_out, torch.full((4,), 99)), batch_size=4),
         synthetic_id_loader=DataLoader(TensorDataset(x_syn, y_syn), batch_size=3),
         regularizer=regularizer,
         feature_sampler=sampler,
         feature_extractor=model[:2],
         classifier_head=model[2],
-        epochs=1,
-        lr=lr,
-        beta=beta,
-        weight_decay=wd,
         device="cpu",
         progress=False,
     )
@@ -136,9 +135,7 @@ def test_learning_rate_follows_a_per_step_cosine() -> None:
     result = train_classifier(
         _mlp(),
         DataLoader(TensorDataset(x, y), batch_size=4),
-        epochs=epochs,
-        lr=lr,
-        min_lr=min_lr,
+        TrainingConfig(epochs=epochs, lr=lr, min_lr=min_lr),
         device="cpu",
         progress=False,
     )
@@ -161,9 +158,9 @@ def test_batchnorm_normalises_id_and_outliers_together() -> None:
     train_classifier(
         model,
         DataLoader(TensorDataset(x_id, y_id), batch_size=5),
+        TrainingConfig(epochs=1),
         outlier_loader=DataLoader(x_out, batch_size=3),  # plain image batches, no labels
         regularizer=EnergyOODRegularizer(head="linear"),
-        epochs=1,
         device="cpu",
         progress=False,
     )
@@ -186,9 +183,9 @@ def test_outlier_labels_are_ignored_and_batch_order_does_not_matter_without_batc
         train_classifier(
             model,
             DataLoader(TensorDataset(x, y), batch_size=4),
+            TrainingConfig(epochs=2),
             outlier_loader=outlier_loader,
             regularizer=EnergyOODRegularizer(head="linear"),
-            epochs=2,
             seed=seed,
             device="cpu",
             progress=False,
@@ -217,9 +214,9 @@ def test_outlier_loader_restarts_each_epoch_and_cycles_within_it() -> None:
     train_classifier(
         _mlp(),
         DataLoader(TensorDataset(x, y), batch_size=2),
+        TrainingConfig(epochs=2),
         outlier_loader=DataLoader(outliers, batch_size=2),
         regularizer=EnergyOODRegularizer(),
-        epochs=2,
         device="cpu",
         progress=False,
     )
@@ -234,10 +231,9 @@ def test_ood_start_epoch_trains_cross_entropy_alone_first() -> None:
     result = train_classifier(
         _mlp(),
         DataLoader(TensorDataset(x, y), batch_size=4),
+        TrainingConfig(epochs=3, ood_start_epoch=2),
         outlier_loader=DataLoader(outliers, batch_size=4),
         regularizer=EnergyOODRegularizer(),
-        epochs=3,
-        ood_start_epoch=2,
         device="cpu",
         progress=False,
     )
@@ -255,11 +251,11 @@ def test_feature_sampler_waits_until_ready_and_feeds_virtual_outliers_through_th
     result = train_classifier(
         model,
         DataLoader(TensorDataset(x, y), batch_size=4),
+        TrainingConfig(epochs=2),
         regularizer=EnergyOODRegularizer(),
         feature_sampler=sampler,
         feature_extractor=model[:2],
         classifier_head=model[2],
-        epochs=2,
         device="cpu",
         progress=False,
     )
@@ -308,14 +304,13 @@ def _resumable_run(
     np.random.seed(11)  # noqa: NPY002
     result = train_classifier(
         model,
-        DataLoader(_NoisyData(x, y, fail_after), batch_size=6, shuffle=True),  # shuffled by the global RNG
+        DataLoader(_NoisyData(x, y, fail_after), batch_size=6, shuffle=True),
+        TrainingConfig(epochs=3, lr=0.05),  # shuffled by the global RNG
         outlier_loader=DataLoader(outliers, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(3)),
         regularizer=regularizer,
         feature_sampler=QueueSampler(size=6, num=3),
         feature_extractor=model[:3],
         classifier_head=model[3],
-        epochs=3,
-        lr=0.05,
         output_dir=output_dir,
         resume=resume,
         device="cpu",
@@ -349,9 +344,9 @@ def test_checkpoint_and_metrics_log(tmp_path: Path) -> None:
     result = train_classifier(
         model,
         DataLoader(TensorDataset(x, y), batch_size=4),
+        TrainingConfig(epochs=2),
         outlier_loader=DataLoader(torch.randn(4, 2)),
         regularizer=EnergyOODRegularizer(),
-        epochs=2,
         output_dir=tmp_path,
         device="cpu",
         progress=False,
@@ -372,15 +367,15 @@ def test_checkpoint_and_metrics_log(tmp_path: Path) -> None:
 def test_resume_checks_the_run_and_handles_missing_or_finished_checkpoints(tmp_path: Path) -> None:
     x, y = torch.randn(8, 2), torch.randint(0, 3, (8,))
 
-    def run(model: nn.Module, **options: Any) -> Any:
+    def run(model: nn.Module, epochs: int) -> Any:
         return train_classifier(
             model,
             DataLoader(TensorDataset(x, y), batch_size=4),
+            TrainingConfig(epochs=epochs),
             output_dir=tmp_path,
             resume=True,
             device="cpu",
             progress=False,
-            **options,
         )
 
     trained = _mlp()
@@ -401,9 +396,7 @@ def test_init_checkpoint_accepts_training_checkpoints_and_prefixed_state_dicts(t
     train_classifier(
         _mlp(seed=4),
         DataLoader(TensorDataset(x, y)),
-        epochs=1,
-        lr=1e-9,
-        min_lr=0.0,
+        TrainingConfig(epochs=1, lr=1e-9, min_lr=0.0),
         output_dir=tmp_path / "run",
         device="cpu",
         progress=False,
@@ -413,10 +406,7 @@ def test_init_checkpoint_accepts_training_checkpoints_and_prefixed_state_dicts(t
         train_classifier(
             model,
             DataLoader(TensorDataset(x, y)),
-            epochs=1,
-            lr=1e-9,
-            min_lr=0.0,
-            weight_decay=0.0,
+            TrainingConfig(epochs=1, lr=1e-9, min_lr=0.0, weight_decay=0.0),
             init_checkpoint=path,
             device="cpu",
             progress=False,
@@ -427,7 +417,7 @@ def test_init_checkpoint_accepts_training_checkpoints_and_prefixed_state_dicts(t
         train_classifier(
             _mlp(),
             DataLoader(TensorDataset(x, y)),
-            epochs=1,
+            TrainingConfig(epochs=1),
             init_checkpoint=tmp_path / "bad.pt",
             device="cpu",
             progress=False,
@@ -458,13 +448,11 @@ def test_mixed_precision_and_channels_last_track_full_precision(options: dict[st
         result = train_classifier(
             _conv_net(),
             DataLoader(TensorDataset(x, y), batch_size=8),
+            TrainingConfig(epochs=2, lr=0.01, **extra),
             outlier_loader=DataLoader(outliers, batch_size=4),
             regularizer=EnergyOODRegularizer(),
-            epochs=2,
-            lr=0.01,
             device="cpu",
             progress=False,
-            **extra,
         )
         losses.append([r.loss for r in result.history])
     assert all(math.isfinite(v) for v in losses[1])
@@ -480,10 +468,9 @@ def test_compiled_forward_gives_the_eager_result() -> None:
         train_classifier(
             model,
             DataLoader(TensorDataset(x, y), batch_size=4),
+            TrainingConfig(epochs=1, compile=compile_),
             outlier_loader=DataLoader(torch.randn(4, 2)),
             regularizer=EnergyOODRegularizer(head="linear"),
-            epochs=1,
-            compile=compile_,
             device="cpu",
             progress=False,
         )
@@ -497,14 +484,20 @@ def test_non_finite_loss_stops_with_epoch_and_step() -> None:
     model = _mlp()
     with pytest.raises(NonFiniteError, match=r"loss is nan at epoch 1/2, step 3/3"):
         train_classifier(
-            model, DataLoader(TensorDataset(x, y), batch_size=4), epochs=2, sync_every=1, device="cpu", progress=False
+            model,
+            DataLoader(TensorDataset(x, y), batch_size=4),
+            TrainingConfig(epochs=2, sync_every=1),
+            device="cpu",
+            progress=False,
         )
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())  # checked every step: not applied
 
 
 def test_progress_bar_shows_loss_and_accuracy(capsys: pytest.CaptureFixture[str]) -> None:
     x, y = torch.randn(8, 2), torch.randint(0, 3, (8,))
-    train_classifier(_mlp(), DataLoader(TensorDataset(x, y), batch_size=4), epochs=1, device="cpu", progress=True)
+    train_classifier(
+        _mlp(), DataLoader(TensorDataset(x, y), batch_size=4), TrainingConfig(epochs=1), device="cpu", progress=True
+    )
     err = capsys.readouterr().err
     assert "epoch 1/1" in err and "loss=" in err and "acc=" in err
 
@@ -514,6 +507,9 @@ def test_progress_bar_shows_loss_and_accuracy(capsys: pytest.CaptureFixture[str]
 
 def _loader() -> DataLoader[Any]:
     return DataLoader(TensorDataset(torch.randn(4, 2), torch.randint(0, 3, (4,))), batch_size=2)
+
+
+_LOOP_FIELDS = {item.name for item in dataclasses.fields(TrainingConfig)}
 
 
 @pytest.mark.parametrize(
@@ -538,22 +534,46 @@ def _loader() -> DataLoader[Any]:
         ({"lr": -1.0}, ValueError, "lr must be a finite number > 0, got -1.0"),
         ({"amp": "fp8"}, ValueError, "amp must be one of 'bf16', 'fp16', got 'fp8'"),
         ({"resume": True}, ValueError, "resume=True needs output_dir"),
-        ({"learning_rate": 0.1}, TypeError, "learning_rate"),
-        ({"config": "fast"}, TypeError, "config must be a TrainingConfig"),
+        ({"seed": 1.5}, TypeError, "seed must be an int, got float 1.5"),
+        ({"learning_rate": 0.1}, TypeError, "unexpected keyword argument 'learning_rate'"),
+        ({"config": "fast"}, TypeError, "config must be a TrainingConfig, got str"),
+        ({"config": {"epochs": 1}}, TypeError, "config must be a TrainingConfig, got dict"),
     ],
 )
 def test_rejects_arguments_that_do_not_fit(kwargs: dict[str, Any], error: type[Exception], message: str) -> None:
-    options = {"epochs": 1, "device": "cpu", "progress": False} if "config" not in kwargs else {}
+    loop = {key: value for key, value in kwargs.items() if key in _LOOP_FIELDS}
+    arguments = {key: value for key, value in kwargs.items() if key not in _LOOP_FIELDS}
     with pytest.raises(error, match=message):
-        train_classifier(_mlp(), _loader(), **options, **kwargs)
+        config = arguments.pop("config", None) or TrainingConfig(epochs=1, **loop)
+        train_classifier(_mlp(), _loader(), config, device="cpu", progress=False, **arguments)
 
 
-def test_config_object_and_keyword_overrides() -> None:
-    config = TrainingConfig(epochs=1, lr=0.5, device="cpu", progress=False)
-    result = train_classifier(_mlp(), _loader(), config, lr=0.25)
-    # Two steps: the last one runs at the cosine's midpoint of the overriding lr.
+def test_a_replaced_config_overrides_options() -> None:
+    config = TrainingConfig(epochs=1, lr=0.5)
+    result = train_classifier(_mlp(), _loader(), dataclasses.replace(config, lr=0.25), device="cpu", progress=False)
+    # Two steps: the last one runs at the cosine's midpoint of the replaced lr.
     assert result.history[0].lr == pytest.approx(1e-6 + (0.25 - 1e-6) * 0.5, rel=1e-12)
     assert TrainingConfig(epochs=2).to_dict()["nesterov"] is True
+    with pytest.raises(TypeError, match="positional"):
+        train_classifier(_mlp(), _loader(), config, None)  # type: ignore[misc]
+
+
+def test_a_run_configuration_trains_with_its_loop_fields_only(tmp_path: Path) -> None:
+    run_config = TrainConfig(epochs=1, lr=0.05, beta=0.0, backbone="small", batch_size=2, sync_every=1)
+    loop_config = TrainingConfig(**{name: getattr(run_config, name) for name in _LOOP_FIELDS})
+    loader = _loader()
+    weights, recorded = [], []
+    for index, config in enumerate((run_config, loop_config)):
+        model = _mlp()
+        train_classifier(model, loader, config, seed=3, output_dir=tmp_path / str(index), device="cpu", progress=False)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        recorded.append(json.loads((tmp_path / str(index) / "metrics.json").read_text())["config"])
+    assert torch.equal(weights[0], weights[1])
+    # The checkpoints record the loop's fields and the call's run-time arguments, in this order.
+    names = [item.name for item in dataclasses.fields(TrainingConfig)]
+    assert list(recorded[0]) == [*names, "device", "seed", "output_dir", "resume", "init_checkpoint", "progress"]
+    assert recorded[0]["output_dir"] == str(tmp_path / "0") and recorded[0]["seed"] == 3
+    assert {**recorded[0], "output_dir": None} == {**recorded[1], "output_dir": None}
 
 
 @pytest.mark.parametrize(
@@ -567,7 +587,7 @@ def test_config_object_and_keyword_overrides() -> None:
 )
 def test_rejects_malformed_batches(batches: list[Any], error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
-        train_classifier(_mlp(), batches, epochs=1, device="cpu", progress=False)
+        train_classifier(_mlp(), batches, TrainingConfig(epochs=1), device="cpu", progress=False)
 
 
 def test_rejects_outlier_images_of_another_shape() -> None:
@@ -575,9 +595,9 @@ def test_rejects_outlier_images_of_another_shape() -> None:
         train_classifier(
             _mlp(),
             _loader(),
+            TrainingConfig(epochs=1),
             outlier_loader=[torch.randn(2, 3)],
             regularizer=EnergyOODRegularizer(),
-            epochs=1,
             device="cpu",
             progress=False,
         )
@@ -634,9 +654,7 @@ def test_boundary_outliers_lower_fpr95_over_three_seeds() -> None:
                 DataLoader(
                     TensorDataset(x, y), batch_size=60, shuffle=True, generator=torch.Generator().manual_seed(seed)
                 ),
-                epochs=20,
-                lr=0.05,
-                beta=1.0,
+                TrainingConfig(epochs=20, lr=0.05, beta=1.0),
                 seed=seed,
                 device="cpu",
                 progress=False,
@@ -672,6 +690,7 @@ def test_vos_and_npos_feature_samplers_lower_fpr95_after_warm_up() -> None:
             torch.manual_seed(seed)
             model = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
             extra: dict[str, Any] = {}
+            config = TrainingConfig(epochs=20, lr=0.05)
             if name != "ce":
                 sampler = (
                     VOSSampler(3, queue_size=100, sample_from=1000, select=5)
@@ -685,15 +704,14 @@ def test_vos_and_npos_feature_samplers_lower_fpr95_after_warm_up() -> None:
                     "feature_extractor": model[:4],
                     "classifier_head": model[4],
                     "regularizer": EnergyOODRegularizer(head="linear"),
-                    "ood_start_epoch": 5,
                 }
+                config = dataclasses.replace(config, ood_start_epoch=5)
             result = train_classifier(
                 model,
                 DataLoader(
                     TensorDataset(x, y), batch_size=60, shuffle=True, generator=torch.Generator().manual_seed(seed)
                 ),
-                epochs=20,
-                lr=0.05,
+                config,
                 device="cpu",
                 progress=False,
                 **extra,
@@ -711,11 +729,11 @@ def test_vos_and_npos_feature_samplers_lower_fpr95_after_warm_up() -> None:
 
 def test_resuming_with_a_sampler_without_state_warns(tmp_path: Path) -> None:
     x, y = torch.randn(8, 2), torch.randint(0, 3, (8,))
-    options: dict[str, Any] = {"epochs": 1, "output_dir": tmp_path, "resume": True, "device": "cpu", "progress": False}
+    options: dict[str, Any] = {"output_dir": tmp_path, "resume": True, "device": "cpu", "progress": False}
     for attempt in range(2):
         model = _mlp()
         sampler = FixedSampler(torch.zeros(2, 8))  # no state_dict()
-        arguments = (model, DataLoader(TensorDataset(x, y), batch_size=4))
+        arguments = (model, DataLoader(TensorDataset(x, y), batch_size=4), TrainingConfig(epochs=1))
         parts = {"feature_extractor": model[:2], "classifier_head": model[2], "regularizer": EnergyOODRegularizer()}
         if attempt == 0:
             train_classifier(*arguments, feature_sampler=sampler, **parts, **options)
@@ -733,14 +751,11 @@ def test_library_classifier_parts_with_a_vos_sampler_in_bf16_channels_last() -> 
     result = train_classifier(
         model,
         DataLoader(TensorDataset(x, y), batch_size=6),
+        TrainingConfig(epochs=2, ood_start_epoch=1, amp="bf16", channels_last=True),
         regularizer=EnergyOODRegularizer(head="linear", weighted=True, num_classes=3),
         feature_sampler=VOSSampler(3, queue_size=4, sample_from=50, select=2),
         feature_extractor=model.features,
         classifier_head=model.head,
-        epochs=2,
-        ood_start_epoch=1,
-        amp="bf16",
-        channels_last=True,
         device="cpu",
         progress=False,
     )

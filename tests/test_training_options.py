@@ -54,12 +54,10 @@ def _full_run(sync_every: int) -> tuple[nn.Module, nn.Module, list[Any]]:
     result = train_classifier(
         model,
         DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1)),
+        TrainingConfig(epochs=2, lr=0.05, sync_every=sync_every),
         outlier_loader=DataLoader(outliers, batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(2)),
         synthetic_id_loader=DataLoader(TensorDataset(x_syn, y_syn), batch_size=2),
         regularizer=regularizer,
-        epochs=2,
-        lr=0.05,
-        sync_every=sync_every,
         seed=3,
         device="cpu",
         progress=False,
@@ -104,8 +102,7 @@ def test_non_finite_loss_names_the_first_bad_step_at_the_next_read_back(tmp_path
         train_classifier(
             model,
             _PoisonedBatches(bad_epoch=2, bad_step=bad_step),
-            epochs=2,
-            sync_every=10,
+            TrainingConfig(epochs=2, sync_every=10),
             output_dir=tmp_path,
             device="cpu",
             progress=False,
@@ -138,7 +135,11 @@ def test_progress_bar_moves_at_read_backs(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
     x, y = torch.randn(20, 2), torch.randint(0, 3, (20,))
     train_classifier(
-        _mlp(), DataLoader(TensorDataset(x, y), batch_size=4), epochs=1, sync_every=2, device="cpu", progress=True
+        _mlp(),
+        DataLoader(TensorDataset(x, y), batch_size=4),
+        TrainingConfig(epochs=1, sync_every=2),
+        device="cpu",
+        progress=True,
     )
     updates = [n for kind, n in events if kind == "update"]
     assert events[0] == ("total", 5) and updates == [2, 2, 1] and events[-1] == ("close", None)
@@ -176,9 +177,7 @@ def test_compile_mode_is_passed_to_torch_compile(monkeypatch: pytest.MonkeyPatch
         train_classifier(
             _mlp(),
             DataLoader(TensorDataset(x, y)),
-            epochs=1,
-            compile=True,
-            compile_mode=mode,
+            TrainingConfig(epochs=1, compile=True, compile_mode=mode),
             device="cpu",
             progress=False,
         )
@@ -201,25 +200,26 @@ class _FlagRecorder(nn.Module):
 @pytest.mark.usefixtures("_restore_cudnn_benchmark")
 def test_cudnn_benchmark_is_set_while_training_and_restored_after_success_and_error() -> None:
     x, y = torch.randn(8, 2), torch.randint(0, 3, (8,))
-    options: dict[str, Any] = {"epochs": 1, "device": "cpu", "progress": False}
+    options: dict[str, Any] = {"device": "cpu", "progress": False}
+    on, off = TrainingConfig(epochs=1, cudnn_benchmark=True), TrainingConfig(epochs=1, cudnn_benchmark=False)
     torch.backends.cudnn.benchmark = False
     model = _FlagRecorder()
-    train_classifier(model, DataLoader(TensorDataset(x, y), batch_size=4), cudnn_benchmark=True, **options)
+    train_classifier(model, DataLoader(TensorDataset(x, y), batch_size=4), on, **options)
     assert model.seen == [True, True] and torch.backends.cudnn.benchmark is False
 
     bad = x.clone()
     bad[5, 0] = float("nan")
     model = _FlagRecorder()
     with pytest.raises(NonFiniteError):
-        train_classifier(model, DataLoader(TensorDataset(bad, y), batch_size=4), cudnn_benchmark=True, **options)
+        train_classifier(model, DataLoader(TensorDataset(bad, y), batch_size=4), on, **options)
     assert model.seen == [True, True] and torch.backends.cudnn.benchmark is False
     with pytest.raises(ValueError, match="id_loader is empty"):  # an error before the first step
-        train_classifier(_FlagRecorder(), [], cudnn_benchmark=True, **options)
+        train_classifier(_FlagRecorder(), [], on, **options)
     assert torch.backends.cudnn.benchmark is False
 
     torch.backends.cudnn.benchmark = True  # False leaves a setting made elsewhere alone
     model = _FlagRecorder()
-    train_classifier(model, DataLoader(TensorDataset(x, y), batch_size=4), cudnn_benchmark=False, **options)
+    train_classifier(model, DataLoader(TensorDataset(x, y), batch_size=4), off, **options)
     assert model.seen == [True, True] and torch.backends.cudnn.benchmark is True
 
 
@@ -237,12 +237,8 @@ def test_no_weight_decay_parameters_follow_sgd_without_decay() -> None:
         train_classifier(
             model,
             DataLoader(TensorDataset(x, y), batch_size=4),
+            TrainingConfig(epochs=1, lr=lr, min_lr=min_lr, weight_decay=wd, momentum=momentum),
             no_weight_decay=model[2].parameters() if exempt else (),
-            epochs=1,
-            lr=lr,
-            min_lr=min_lr,
-            weight_decay=wd,
-            momentum=momentum,
             device="cpu",
             progress=False,
         )
@@ -272,14 +268,15 @@ def test_no_weight_decay_parameters_follow_sgd_without_decay() -> None:
 
 
 def test_no_weight_decay_rejects_foreign_parameters() -> None:
-    options: dict[str, Any] = {"epochs": 1, "device": "cpu", "progress": False}
+    options: dict[str, Any] = {"device": "cpu", "progress": False}
     loader = DataLoader(TensorDataset(torch.randn(4, 2), torch.randint(0, 3, (4,))))
+    config = TrainingConfig(epochs=1)
     with pytest.raises(ValueError, match=r"no_weight_decay holds 1 parameter\(s\) that are not parameters of model"):
-        train_classifier(_mlp(), loader, no_weight_decay=[nn.Parameter(torch.zeros(3))], **options)
+        train_classifier(_mlp(), loader, config, no_weight_decay=[nn.Parameter(torch.zeros(3))], **options)
     with pytest.raises(TypeError, match="no_weight_decay must hold nn.Parameter objects, got a Tensor"):
-        train_classifier(_mlp(), loader, no_weight_decay=[torch.zeros(3)], **options)
+        train_classifier(_mlp(), loader, config, no_weight_decay=[torch.zeros(3)], **options)
     with pytest.raises(TypeError, match="no_weight_decay must be an iterable of parameters"):
-        train_classifier(_mlp(), loader, no_weight_decay=nn.Parameter(torch.zeros(3)), **options)
+        train_classifier(_mlp(), loader, config, no_weight_decay=nn.Parameter(torch.zeros(3)), **options)
 
 
 # ---- target distributions -------------------------------------------------------------------------------------
@@ -293,12 +290,15 @@ def _labelled_run(
     batch_sizes: tuple[int, int] = (4, 3),
     **options: Any,
 ) -> tuple[nn.Module, Any]:
+    """Train on ID and extra labelled batches; ``options`` are TrainingConfig fields (2 epochs at lr 0.1 else)."""
     model = _mlp(seed=2)
     result = train_classifier(
         model,
         DataLoader(TensorDataset(x, id_targets), batch_size=batch_sizes[0]),
+        TrainingConfig(**{"epochs": 2, "lr": 0.1, **options}),
         synthetic_id_loader=DataLoader(TensorDataset(x_syn, syn_targets), batch_size=batch_sizes[1]),
-        **{"epochs": 2, "lr": 0.1, "device": "cpu", "progress": False, **options},
+        device="cpu",
+        progress=False,
     )
     return model, result
 
@@ -369,8 +369,8 @@ def test_rejects_target_distributions_that_do_not_fit(
         train_classifier(
             _mlp(),
             [(torch.randn(4, 2), id_targets)],
+            TrainingConfig(epochs=1),
             synthetic_id_loader=synthetic,
-            epochs=1,
             device="cpu",
             progress=False,
         )
@@ -391,11 +391,11 @@ def test_feature_sampler_refuses_target_distributions() -> None:
         train_classifier(
             model,
             [(torch.randn(4, 2), torch.full((4, 3), 1 / 3))],
+            TrainingConfig(epochs=1),
             regularizer=EnergyOODRegularizer(),
             feature_sampler=Sampler(),
             feature_extractor=model[:2],
             classifier_head=model[2],
-            epochs=1,
             device="cpu",
             progress=False,
         )

@@ -13,8 +13,9 @@ batch and yields fresh ``G(z)`` samples as the loop's outliers, and :class:`Unif
 ``regularizer``::
 
     gan = ConfidenceGAN(image_size=32, channels=3, seed=0, device="cuda")
-    train_classifier(model, id_loader, outlier_loader=GANOutlierLoader(gan, real_loader, model),
-                     regularizer=UniformKLRegularizer(), beta=gan.beta, epochs=100, device="cuda")
+    train_classifier(model, id_loader, TrainingConfig(epochs=100, beta=gan.beta),
+                     outlier_loader=GANOutlierLoader(gan, real_loader, model),
+                     regularizer=UniformKLRegularizer(), device="cuda")
 
 At test time the paper scores with the maximum softmax probability
 (:func:`~dreamood.evaluation.msp_score`).

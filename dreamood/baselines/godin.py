@@ -11,6 +11,7 @@ score is ``max_i h_i(x')`` of an input moved by ``epsilon`` along the sign of th
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -222,7 +223,16 @@ class _Similarities(nn.Module):
 
 
 def train_godin(
-    model: GodinClassifier, id_loader: Iterable[Any], config: TrainingConfig | None = None, **options: Any
+    model: GodinClassifier,
+    id_loader: Iterable[Any],
+    config: TrainingConfig,
+    *,
+    device: str | None = None,
+    seed: int = 0,
+    output_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    init_checkpoint: str | os.PathLike[str] | None = None,
+    progress: bool = True,
 ) -> TrainingResult:
     """Train a :class:`GodinClassifier` with cross-entropy on its quotient logits, without weight decay on ``h``.
 
@@ -234,19 +244,36 @@ def train_godin(
     Args:
         model: The classifier.
         id_loader: ``(images, labels)`` batches of the ID training set.
-        config: The options; ``None`` builds one from ``options``.
-        **options: Fields of :class:`~dreamood.training.TrainingConfig` overriding ``config``'s.
+        config: The hyper-parameters (:class:`~dreamood.training.TrainingConfig`).
+        device: Device to train on; ``None``/``"auto"`` picks CUDA when available.
+        seed: Seed of the training loop's own randomness.
+        output_dir: Folder for ``checkpoint.pt`` and ``metrics.json``; ``None`` writes nothing.
+        resume: Continue from ``output_dir/checkpoint.pt`` when it exists.
+        init_checkpoint: Weights to start from when not resuming.
+        progress: Show a progress bar.
 
     Returns:
         The per-epoch history.
 
     Raises:
-        TypeError: ``model`` is not a :class:`GodinClassifier`.
+        TypeError: ``model`` is not a :class:`GodinClassifier` or ``config`` not a
+            :class:`~dreamood.training.TrainingConfig`.
         ValueError: See :func:`~dreamood.training.train_classifier`.
     """
     if not isinstance(model, GodinClassifier):
         raise TypeError(f"model must be a GodinClassifier, got {type(model).__name__}")
-    return train_classifier(model, id_loader, config, no_weight_decay=model.head.h_parameters(), **options)
+    return train_classifier(
+        model,
+        id_loader,
+        config,
+        no_weight_decay=model.head.h_parameters(),
+        device=device,
+        seed=seed,
+        output_dir=output_dir,
+        resume=resume,
+        init_checkpoint=init_checkpoint,
+        progress=progress,
+    )
 
 
 class GODIN(Detector):

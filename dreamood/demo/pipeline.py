@@ -516,15 +516,9 @@ def _decode(
     return torch.round(images * levels) / levels, torch.tensor(dataset.targets, dtype=torch.int64)
 
 
-def _recipe(config: DemoConfig, seed: int, device: torch.device) -> TrainingConfig:
+def _recipe(config: DemoConfig) -> TrainingConfig:
     """The recipe every classifier of the demo is trained with: the paper's SGD, cosine schedule, weight decay."""
-    return TrainingConfig(
-        epochs=config.classifier_epochs,
-        lr=config.classifier_lr,
-        device=str(device),
-        seed=seed,
-        progress=config.progress,
-    )
+    return TrainingConfig(epochs=config.classifier_epochs, lr=config.classifier_lr)
 
 
 def _train(
@@ -535,14 +529,16 @@ def _train(
     recipe: TrainingConfig,
     seed_dir: Path,
     run: _SeedRun,
+    device: torch.device,
     train: Callable[..., TrainingResult] | None = None,
-    **options: Any,
+    **inputs: Any,
 ) -> nn.Module:
-    """Train ``model`` on the ID training digits (with ``options``: outliers, extra images, ...), in place.
+    """Train ``model`` on the ID training digits (with ``inputs``: outliers, extra images, ...), in place.
 
     ``train`` is the training function: :func:`~dreamood.training.train_classifier` by default, or a wrapper of
     it such as :func:`~dreamood.baselines.train_godin`. Either writes its checkpoint and history to
-    ``seed_dir/classifiers/<key>/``. Every model sees the same ID batches in the same order.
+    ``seed_dir/classifiers/<key>/``; the loop's seed is the run's. Every model sees the same ID batches in the
+    same order.
 
     Returns:
         The trained model, in eval mode.
@@ -550,8 +546,17 @@ def _train(
     from dreamood.training import train_classifier
 
     folder = seed_dir / "classifiers" / key
-    id_loader = _loader(data.train_images, data.train_labels, config.classifier_batch_size, shuffle_seed=recipe.seed)
-    result = (train or train_classifier)(model, id_loader, replace(recipe, output_dir=folder), **options)
+    id_loader = _loader(data.train_images, data.train_labels, config.classifier_batch_size, shuffle_seed=run.seed)
+    result = (train or train_classifier)(
+        model,
+        id_loader,
+        recipe,
+        device=str(device),
+        seed=run.seed,
+        output_dir=folder,
+        progress=config.progress,
+        **inputs,
+    )
     run.train_accuracy[key] = result.final.accuracy
     return model.eval()
 
@@ -570,7 +575,7 @@ def _train_classifiers(
     from dreamood.sampling.feature_samplers import NPOSSampler, VOSSampler
     from dreamood.training import EnergyOODRegularizer
 
-    recipe = replace(_recipe(config, seed, device), beta=config.beta)
+    recipe = replace(_recipe(config), beta=config.beta)
     feature_start = min(config.classifier_epochs - 1, round(config.feature_ood_start * config.classifier_epochs))
     models: dict[str, nn.Module] = {}
     for key in METHODS:
@@ -578,6 +583,7 @@ def _train_classifiers(
             model = _classifier(config, data.num_classes)
             regularizer = EnergyOODRegularizer(head=config.ood_head)
         options: dict[str, Any] = {}
+        key_recipe = recipe
         if key in ("dream_ood", "token_noise"):
             images = dream_images if key == "dream_ood" else noise_images
             options["outlier_loader"] = _loader(images, None, config.classifier_batch_size, shuffle_seed=seed + 1)
@@ -603,9 +609,9 @@ def _train_classifiers(
                 feature_extractor=model.features,
                 classifier_head=model.head,
                 regularizer=regularizer,
-                ood_start_epoch=feature_start,
             )
-        models[key] = _train(key, model, config, data, recipe, seed_dir, run, **options)
+            key_recipe = replace(recipe, ood_start_epoch=feature_start)
+        models[key] = _train(key, model, config, data, key_recipe, seed_dir, run, device, **options)
     return models
 
 
@@ -629,11 +635,11 @@ def _train_ood_baselines(
     from dreamood.evaluation import max_logit_score, msp_score
     from dreamood.models import SmallConvNet
 
-    recipe = _recipe(config, seed, device)
+    recipe = _recipe(config)
     with _seeded(seed):
         backbone = SmallConvNet(1, config.classifier_feature_dim, width=config.classifier_width)
         godin_model = GodinClassifier(backbone, data.num_classes, similarity=config.godin_similarity)
-    _train("godin", godin_model, config, data, recipe, seed_dir, run, train=train_godin)
+    _train("godin", godin_model, config, data, recipe, seed_dir, run, device, train=train_godin)
     detector = GODIN(godin_model, device=device).fit(data.train_images)
     run.godin_epsilon = detector.epsilon_
     run.godin_validation_scores = {f"{eps:g}": score for eps, score in detector.validation_scores_.items()}
@@ -659,6 +665,7 @@ def _train_ood_baselines(
         replace(recipe, beta=gan.beta),
         seed_dir,
         run,
+        device,
         outlier_loader=outliers,
         regularizer=UniformKLRegularizer(),
         extra_state={"gan": outliers},
@@ -814,13 +821,13 @@ def _train_generalization(
     CutMix's mixed labels are target distributions, which :func:`~dreamood.training.train_classifier` takes as
     they are.
     """
-    recipe = _recipe(config, seed, device)
+    recipe = _recipe(config)
     models: dict[str, nn.Module] = {}
     for key, (images, labels) in extra.items():
         with _seeded(seed):
             model = _classifier(config, data.num_classes)
         synthetic = _loader(images, labels, config.classifier_batch_size, shuffle_seed=seed + 1)
-        models[key] = _train(key, model, config, data, recipe, seed_dir, run, synthetic_id_loader=synthetic)
+        models[key] = _train(key, model, config, data, recipe, seed_dir, run, device, synthetic_id_loader=synthetic)
     return models
 
 

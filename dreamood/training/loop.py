@@ -12,11 +12,12 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,7 +29,7 @@ from dreamood._utils import make_generator
 from dreamood.errors import ArtifactError, NonFiniteError
 from dreamood.io import atomic_write, load_checkpoint, remove_temporaries, save_checkpoint
 from dreamood.protocols import FeatureOutlierSampler
-from dreamood.training.config import EpochMetrics, TrainingConfig, TrainingResult
+from dreamood.training.config import EpochMetrics, TrainingConfig, TrainingResult, _LoopSettings
 from dreamood.training.distributed import (
     all_reduce_sum,
     distributed_loader,
@@ -53,7 +54,7 @@ METRICS_NAME = "metrics.json"
 def train_classifier(
     model: nn.Module,
     id_loader: Iterable[Any],
-    config: TrainingConfig | None = None,
+    config: TrainingConfig,
     *,
     outlier_loader: Iterable[Any] | None = None,
     synthetic_id_loader: Iterable[Any] | None = None,
@@ -63,7 +64,12 @@ def train_classifier(
     classifier_head: Callable[[Tensor], Tensor] | None = None,
     no_weight_decay: Iterable[nn.Parameter] = (),
     extra_state: Mapping[str, Any] | None = None,
-    **options: Any,
+    device: str | None = None,
+    seed: int = 0,
+    output_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    init_checkpoint: str | os.PathLike[str] | None = None,
+    progress: bool = True,
 ) -> TrainingResult:
     """Train ``model`` in place with cross-entropy plus, optionally, the energy outlier loss.
 
@@ -106,7 +112,8 @@ def train_classifier(
         model: The classifier, an ``nn.Module`` mapping images to logits ``(N, C)``; it holds every trained
             parameter of the classifier (including those ``feature_extractor`` and ``classifier_head`` use).
         id_loader: ``(images, labels)`` batches of the ID training set; must have a length.
-        config: The options; ``None`` builds one from ``options``.
+        config: The hyper-parameters (:class:`TrainingConfig`; a :class:`~dreamood.config.TrainConfig`
+            contributes only these fields). ``dataclasses.replace(config, lr=0.01)`` gives a copy with others.
         outlier_loader: Outlier image batches, or ``(images, labels)`` batches (labels ignored).
         synthetic_id_loader: Generated inliers as ``(images, labels)`` batches.
         regularizer: Module computing ``L_ood`` from ``(logits_id, logits_ood)``, trained with the model;
@@ -122,21 +129,32 @@ def train_classifier(
             training beside the model, such as the GAN of :class:`~dreamood.baselines.GANOutlierLoader`; their
             states are saved in every checkpoint and loaded on resume. Their states must hold only tensors and
             plain Python values (the checkpoint is read with ``weights_only=True``).
-        **options: Fields of :class:`TrainingConfig` (``epochs``, ``lr``, ``beta``, ...), overriding
-            ``config``'s.
+        device: Device to train on; ``None``/``"auto"`` picks CUDA when available (under ``torchrun``, the
+            process's ``LOCAL_RANK`` GPU).
+        seed: Seed of the loop's own randomness (the order of the mixed ID/outlier batch, the feature
+            sampler's draws, the ``DistributedSampler`` shuffling). Your loaders' shuffling follows their own
+            ``generator`` or, without one, torch's global random state.
+        output_dir: Folder for ``checkpoint.pt`` (written atomically after every epoch) and ``metrics.json``
+            (the per-epoch history); ``None`` writes nothing.
+        resume: Continue from ``output_dir/checkpoint.pt`` when it exists (start from scratch otherwise).
+        init_checkpoint: Weights to start from when not resuming: a checkpoint of this loop or a plain model
+            state dict (a ``module.`` prefix left by ``DataParallel`` is removed).
+        progress: Show a tqdm progress bar with the running loss and accuracy (on rank 0 only).
 
     Returns:
         The per-epoch history and the paths written.
 
     Raises:
-        TypeError: An argument has the wrong type, an option is unknown, or a loader yields malformed batches.
+        TypeError: An argument has the wrong type (``config`` is not a :class:`TrainingConfig`, ``seed`` is not
+            an int, ...) or a loader yields malformed batches.
         ValueError: The arguments do not fit together (outliers without a regulariser, a sampler without the
-            model parts, a head or a ``no_weight_decay`` parameter that is not in ``model``), labels are out of
-            range or are not distributions, or a checkpoint to resume belongs to a different run.
+            model parts, a head or a ``no_weight_decay`` parameter that is not in ``model``, ``resume`` without
+            ``output_dir``), labels are out of range or are not distributions, or a checkpoint to resume belongs
+            to a different run.
         NonFiniteError: The loss became NaN or infinite; the message names the epoch and step.
         ArtifactError: A checkpoint cannot be read safely.
     """
-    config = _make_config(config, options)
+    settings = _loop_settings(config, device, seed, output_dir, resume, init_checkpoint, progress)
     _check_arguments(
         model,
         id_loader,
@@ -146,12 +164,12 @@ def train_classifier(
         feature_sampler,
         feature_extractor,
         classifier_head,
-        config,
+        settings,
     )
     excluded = _check_no_weight_decay(model, no_weight_decay)
     extras = _check_extra_state(extra_state)
     previous_benchmark = torch.backends.cudnn.benchmark
-    if config.cudnn_benchmark:
+    if settings.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
     try:
         run = _TrainingRun(
@@ -165,19 +183,39 @@ def train_classifier(
             classifier_head=classifier_head,
             no_decay_ids=excluded,
             extra_state=extras,
-            config=config,
+            config=settings,
         )
         return run.train()
     finally:
         torch.backends.cudnn.benchmark = previous_benchmark
 
 
-def _make_config(config: TrainingConfig | None, options: dict[str, Any]) -> TrainingConfig:
-    if config is None:
-        return TrainingConfig(**options)
+def _loop_settings(
+    config: TrainingConfig,
+    device: str | None,
+    seed: int,
+    output_dir: str | os.PathLike[str] | None,
+    resume: bool,
+    init_checkpoint: str | os.PathLike[str] | None,
+    progress: bool,
+) -> _LoopSettings:
+    """``config``'s TrainingConfig fields (a subclass's own fields are left out) and the run-time arguments."""
     if not isinstance(config, TrainingConfig):
         raise TypeError(f"config must be a TrainingConfig, got {type(config).__name__}")
-    return replace(config, **options) if options else config
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    if resume and output_dir is None:
+        raise ValueError("resume=True needs output_dir (the folder holding checkpoint.pt)")
+    options = {item.name: getattr(config, item.name) for item in fields(TrainingConfig)}
+    return _LoopSettings(
+        **options,
+        device=device,
+        seed=seed,
+        output_dir=output_dir,
+        resume=resume,
+        init_checkpoint=init_checkpoint,
+        progress=progress,
+    )
 
 
 def _check_no_weight_decay(model: nn.Module, parameters: Iterable[nn.Parameter]) -> set[int]:
@@ -497,7 +535,7 @@ class _TrainingRun:
         classifier_head: Callable[[Tensor], Tensor] | None,
         no_decay_ids: set[int],
         extra_state: dict[str, Any],
-        config: TrainingConfig,
+        config: _LoopSettings,
     ) -> None:
         import numpy as np
 
