@@ -386,17 +386,32 @@ class TrainingConfig:
         _finite_number(self.lr, "lr")
         _finite_number(self.beta, "beta", allow_zero=True)
         _finite_number(self.momentum, "momentum", allow_zero=True)
+        _require(self.momentum < 1, f"momentum must be in [0, 1) (SGD momentum; 0.9 in the paper), got {self.momentum}")
         _finite_number(self.weight_decay, "weight_decay", allow_zero=True)
         _finite_number(self.min_lr, "min_lr", allow_zero=True)
         _require(self.min_lr <= self.lr, f"min_lr must not exceed lr, got min_lr={self.min_lr!r} and lr={self.lr!r}")
         _require(not (self.nesterov and self.momentum == 0), "nesterov=True needs momentum > 0, got momentum=0")
         _count(self.ood_start_epoch, "ood_start_epoch", allow_zero=True)
+        _require(
+            self.ood_start_epoch == 0 or self.ood_start_epoch < self.epochs,
+            f"ood_start_epoch={self.ood_start_epoch} is not below epochs={self.epochs}: the outlier loss would "
+            "never start",
+        )
         if self.amp is not None:
             _one_of(self.amp, AMP_DTYPES, "amp")
         if self.compile_mode is not None:
             _one_of(self.compile_mode, COMPILE_MODES, "compile_mode")
             _require(self.compile, f"compile_mode={self.compile_mode!r} needs compile=True")
         _count(self.sync_every, "sync_every")
+
+    def loop(self) -> TrainingConfig:
+        """Only the training loop's settings: a plain :class:`TrainingConfig` with this one's values.
+
+        Returns:
+            The loop's settings (a :class:`TrainConfig` drops its run-level fields).
+        """
+        names = [field.name for field in dataclasses.fields(TrainingConfig)]
+        return TrainingConfig(**{name: getattr(self, name) for name in names})
 
     def to_dict(self) -> dict[str, Any]:
         """Return the options as a JSON-serialisable dict.

@@ -24,7 +24,6 @@ from dreamood._validation import check_choice, check_positive, check_positive_in
 from dreamood.io import atomic_write, save_checkpoint
 from dreamood.pipeline.data import Transform, image_size_of, normalization_of
 from dreamood.pipeline.stages import (
-    TRAINING_SPEED_OPTIONS,
     barrier,
     is_main_process,
     saved_weights,
@@ -33,6 +32,7 @@ from dreamood.pipeline.stages import (
 
 if TYPE_CHECKING:
     from dreamood.baselines import ConfidenceGAN, GodinClassifier
+    from dreamood.config import TrainingConfig
     from dreamood.evaluation import OODReport
     from dreamood.pipeline.runner import Pipeline
 
@@ -412,19 +412,11 @@ class BaselineRunner:
             files = ("report.json", "report.md", "godin.json", "generalization.json", "classifier.pt", "dcgan.pt")
             self.pipe.remove_temporaries([folder / file for file in files])
 
-    def _scratch_recipe(self) -> dict[str, Any]:
-        """The options of a model trained from scratch: the pre-training recipe when the run fine-tunes."""
+    def _scratch_recipe(self) -> TrainingConfig:
+        """The loop settings of a model trained from scratch: the pre-training recipe when the run fine-tunes."""
         cfg = self.pipe.config.training
         epochs, lr = (cfg.pretrain_epochs, cfg.pretrain_lr) if cfg.pretrain_epochs > 0 else (cfg.epochs, cfg.lr)
-        return {
-            "epochs": epochs,
-            "lr": lr,
-            "momentum": cfg.momentum,
-            "weight_decay": cfg.weight_decay,
-            "device": self.pipe.config.device,
-            "seed": self.pipe.config.seed,
-            "progress": self.pipe.config.progress,
-        }
+        return replace(cfg.loop(), epochs=epochs, lr=lr)
 
     def _baseline_classifier(self, name: str) -> nn.Module:
         """Train a baseline's classifier, or load it from ``baselines/<name>/classifier.pt``."""
@@ -445,14 +437,13 @@ class BaselineRunner:
         recipe = self._scratch_recipe()
         # Every baseline trains with the shared loop, so a killed run resumes from its last per-epoch checkpoint
         # in training/ (for the GAN baseline that checkpoint holds the GAN as well).
-        speed = {key: getattr(cfg, key) for key in TRAINING_SPEED_OPTIONS}
-        loop = {**recipe, **speed, "output_dir": folder / "training", "resume": name not in self.pipe.force}
+        where = self.pipe.training_run(folder / "training", resume=name not in self.pipe.force)
         id_loader = self.pipe.loader(self.pipe.data.train, cfg.batch_size, shuffle=True)
-        logger.info("[baseline %s] training for %d epochs", name, recipe["epochs"])
+        logger.info("[baseline %s] training for %d epochs", name, recipe.epochs)
         start = time.perf_counter()
         seed_global_rngs(self.pipe.config.seed)  # the image augmentations draw from the global generators
         if isinstance(model, GodinClassifier):
-            train_godin(model, id_loader, **loop)
+            train_godin(model, id_loader, recipe, **where)
         elif gan is not None:
             real_loader = self.pipe.loader(
                 self.pipe.data.train, cfg.batch_size, shuffle=True, seed=self.pipe.config.seed + 1
@@ -461,18 +452,19 @@ class BaselineRunner:
             train_classifier(
                 model,
                 id_loader,
+                replace(recipe, beta=gan.beta),
                 outlier_loader=outliers,
                 regularizer=UniformKLRegularizer(),
                 extra_state={"gan": outliers},
-                **{**loop, "beta": gan.beta},
+                **where,
             )
             if is_main_process():
                 save_checkpoint(folder / "dcgan.pt", {"model": gan.state_dict()})
         elif name == "cross-entropy":
-            train_classifier(model, id_loader, **loop)
+            train_classifier(model, id_loader, recipe, **where)
         else:
             extra = self.pipe.loader(self._appended_images(name), cfg.outlier_batch_size, shuffle=True)
-            train_classifier(model, id_loader, synthetic_id_loader=extra, **loop)
+            train_classifier(model, id_loader, recipe, synthetic_id_loader=extra, **where)
         if is_main_process():
             save_checkpoint(path, {"model": model.state_dict()})
         barrier()

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +66,17 @@ T = TypeVar("T")
 DecoderFactory = Callable[[PipelineConfig, list[str]], "EmbeddingDecoder"]
 #: Builds a feature extractor (with an integer ``feature_dim``) from a backbone name of the configuration.
 BackboneFactory = Callable[[str], nn.Module]
+
+
+class TrainingRun(TypedDict):
+    """The run-time keyword arguments of :func:`~dreamood.training.train_classifier` for one of a run's trainings."""
+
+    device: str
+    seed: int
+    output_dir: Path
+    resume: bool
+    progress: bool
+
 
 # Keys that do not change any artefact, so a change of them is not reported.
 _NEUTRAL_KEYS = frozenset({"progress", "data.num_workers", "output_dir"})
@@ -292,6 +303,24 @@ class Pipeline:
 
         with self.seeded_init():  # every initial weight, the head's too, from the seed
             return Classifier(self.backbone_factory(self.config.training.backbone), len(self.class_names))
+
+    def training_run(self, output_dir: Path, *, resume: bool) -> TrainingRun:
+        """The run-time arguments of :func:`~dreamood.training.train_classifier` for a training of this run.
+
+        Args:
+            output_dir: The folder of its checkpoints.
+            resume: Continue from the checkpoint there.
+
+        Returns:
+            ``device``, ``seed``, ``output_dir``, ``resume`` and ``progress``, to pass as keywords.
+        """
+        return {
+            "device": self.config.device,
+            "seed": self.config.seed,
+            "output_dir": output_dir,
+            "resume": resume,
+            "progress": self.config.progress,
+        }
 
     def loader(
         self, dataset: Dataset[Any], batch_size: int, *, shuffle: bool, seed: int | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -328,9 +328,6 @@ IMAGES: Stage[Path] = Stage(
 
 # ---- Phase 3: classifier -----------------------------------------------------------------------------------
 
-# Fields of TrainConfig passed to every train_classifier call as they are.
-TRAINING_SPEED_OPTIONS = ("amp", "channels_last", "compile", "compile_mode", "cudnn_benchmark")
-
 
 def _make_classifier(pipe: Pipeline, images: Path) -> Classifier:
     from dreamood.data.generated import GeneratedImageFolder
@@ -339,33 +336,22 @@ def _make_classifier(pipe: Pipeline, images: Path) -> Classifier:
     cfg = pipe.config.training
     _check_images(pipe, images)
     generated = GeneratedImageFolder(images, transform=pipe.data.generated_transform)
-    options: dict[str, Any] = {
-        "epochs": cfg.epochs,
-        "lr": cfg.lr,
-        "beta": cfg.beta,
-        "momentum": cfg.momentum,
-        "weight_decay": cfg.weight_decay,
-        **{key: getattr(cfg, key) for key in TRAINING_SPEED_OPTIONS},
-        "device": pipe.config.device,
-        "seed": pipe.config.seed,
-        "progress": pipe.config.progress,
-        "output_dir": pipe.output_dir / "classifier",
-        "resume": not pipe.starts_afresh(CLASSIFIER),
-    }
     model = pipe.new_classifier()
     id_loader = pipe.loader(pipe.data.train, cfg.batch_size, shuffle=True)
     generated_loader = pipe.loader(generated, cfg.outlier_batch_size, shuffle=True)
     seed_global_rngs(pipe.config.seed)  # the image augmentations draw from the global generators
     init = cfg.init_checkpoint
     if init is None and cfg.pretrain_epochs > 0:
-        init = str(_pretrained(pipe, id_loader, options))
+        init = str(_pretrained(pipe, id_loader))
+    where = pipe.training_run(pipe.output_dir / "classifier", resume=not pipe.starts_afresh(CLASSIFIER))
     if pipe.config.method == "dream-ood":
         regularizer = EnergyOODRegularizer(cfg.head, cfg.hidden_dim, cfg.energy_temperature)
         train_classifier(
-            model, id_loader, outlier_loader=generated_loader, regularizer=regularizer, init_checkpoint=init, **options
-        )
+            model, id_loader, cfg, outlier_loader=generated_loader, regularizer=regularizer, init_checkpoint=init,
+            **where,
+        )  # fmt: skip
     else:
-        train_classifier(model, id_loader, synthetic_id_loader=generated_loader, init_checkpoint=init, **options)
+        train_classifier(model, id_loader, cfg, synthetic_id_loader=generated_loader, init_checkpoint=init, **where)
     if is_main_process():
         save_checkpoint(pipe.path(CLASSIFIER), {"model": model.state_dict()})
     barrier()
@@ -390,7 +376,7 @@ def _check_images(pipe: Pipeline, folder: Path) -> None:
         )
 
 
-def _pretrained(pipe: Pipeline, id_loader: Any, options: dict[str, Any]) -> Path:
+def _pretrained(pipe: Pipeline, id_loader: Any) -> Path:
     """A cross-entropy classifier to start Phase 3 from (the paper's ImageNet-100 recipe), trained once."""
     import logging
 
@@ -407,9 +393,8 @@ def _pretrained(pipe: Pipeline, id_loader: Any, options: dict[str, Any]) -> Path
     logger.info("[classifier] cross-entropy pre-training for %d epochs", cfg.pretrain_epochs)
     seed_global_rngs(pipe.config.seed)
     model = pipe.new_classifier()
-    pretrain = {**options, "epochs": cfg.pretrain_epochs, "lr": cfg.pretrain_lr, "beta": 0.0, "resume": True}
-    pretrain["output_dir"] = pipe.output_dir / "pretrain"
-    train_classifier(model, id_loader, **pretrain)
+    recipe = replace(cfg.loop(), epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr, beta=0.0)
+    train_classifier(model, id_loader, recipe, **pipe.training_run(pipe.output_dir / "pretrain", resume=True))
     if is_main_process():
         save_checkpoint(path, model.state_dict())
     barrier()  # under torchrun, every process then reads the file rank 0 wrote
