@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -17,7 +17,9 @@ from dreamood._utils import DeviceLike, progress, resolve_device
 from dreamood._validation import as_tensor, check_finite, check_floating, check_positive_int, check_rank
 from dreamood.errors import ArtifactError
 from dreamood.io import load_artifact, save_artifact
-from dreamood.protocols import Embedder
+
+if TYPE_CHECKING:
+    from dreamood.protocols import Embedder
 
 __all__ = ["FeatureBank"]
 
