@@ -197,7 +197,7 @@ def test_resume_checks(tmp_path: Path) -> None:
     options = {"device": "cpu", "show_progress": False}
     fresh = fit_encoder(make_encoder(), make_loader(inputs, labels), 1, checkpoint_dir=tmp_path, resume=True, **options)
     assert len(fresh) == 1  # no checkpoint yet: starts afresh
-    with pytest.raises(ValueError, match="2 steps per epoch but train_loader has 4"):
+    with pytest.raises(ValueError, match="written with steps_per_epoch=2, this run has steps_per_epoch=4"):
         fit_encoder(make_encoder(), make_loader(inputs, labels, batch_size=8), 2, checkpoint_dir=tmp_path, resume=True)
     done = fit_encoder(make_encoder(), make_loader(inputs, labels), 1, checkpoint_dir=tmp_path, resume=True, **options)
     assert done.loss == fresh.loss  # already complete: nothing more to train
