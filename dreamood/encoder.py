@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,12 +29,17 @@ from dreamood._validation import (
 )
 from dreamood.anchors import TokenEmbeddings
 from dreamood.errors import ArtifactError, NonFiniteError
-from dreamood.io import load_checkpoint, remove_temporaries, save_checkpoint
+from dreamood.training.checkpoint import TrainingCheckpoint
+from dreamood.training.precision import autocast, autocast_dtype, grad_scaler
+from dreamood.training.rng import loader_generators, seed_everything
+from dreamood.training.schedule import cosine_schedule
 
 __all__ = ["CHECKPOINT_NAME", "EncoderHistory", "TextConditionedEncoder", "fit_encoder"]
 
 #: File name of the checkpoint :func:`fit_encoder` writes in ``checkpoint_dir`` after every epoch.
 CHECKPOINT_NAME = "encoder_checkpoint.pt"
+# The learning rate the cosine schedule reaches after the last step.
+_MIN_LR = 1e-6
 
 
 class TextConditionedEncoder(nn.Module):
@@ -256,7 +259,8 @@ def fit_encoder(
             ``checkpoint_dir``, or a checkpoint made with another loader length or more epochs.
         NonFiniteError: The loss or the backbone's features became NaN or infinite (the message names
             the epoch and step).
-        ArtifactError: The checkpoint does not match the encoder.
+        ArtifactError: The checkpoint is not a checkpoint of this version of fit_encoder, or does not match the
+            encoder.
     """
     check_positive_int(epochs, "epochs")
     check_positive(lr, "lr")
@@ -266,7 +270,7 @@ def fit_encoder(
         raise ValueError("nesterov=True needs momentum > 0, got momentum=0")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir, got None")
-    autocast_dtype = _resolve_amp_dtype(amp_dtype)
+    dtype = autocast_dtype(amp_dtype, "amp_dtype")
     try:
         steps_per_epoch = len(train_loader)
     except TypeError as error:
@@ -278,7 +282,7 @@ def fit_encoder(
         raise ValueError("train_loader is empty")
     run_device = resolve_device(device)
     if seed is not None:
-        _seed_everything(seed)
+        seed_everything(seed)
 
     encoder.to(run_device)
     if channels_last:
@@ -290,27 +294,31 @@ def fit_encoder(
         nesterov=nesterov,
         weight_decay=weight_decay,
     )
-    total_steps = epochs * steps_per_epoch
-    min_factor = min(1.0, 1e-6 / lr)
-
-    def cosine(step: int) -> float:
-        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
-    scaler = torch.amp.GradScaler(run_device.type, enabled=autocast_dtype == torch.float16)
+    scheduler = cosine_schedule(optimizer, epochs * steps_per_epoch, _MIN_LR)
+    scaler = grad_scaler(run_device, dtype)
+    checkpoint = TrainingCheckpoint(
+        None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME,
+        "fit_encoder",
+        objects={"model": encoder, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler},
+        run={"steps_per_epoch": steps_per_epoch},
+        generators={"train_loader": loader_generators(train_loader)},
+    )
+    checkpoint.remove_temporaries()  # left by a process killed while writing the checkpoint
     history = EncoderHistory()
     start_epoch = 0
-    checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    if checkpoint is not None:
-        remove_temporaries(checkpoint)  # left by a process killed while writing the checkpoint
-    if resume and checkpoint is not None and checkpoint.is_file():
-        start_epoch = _restore(
-            checkpoint, encoder, optimizer, scheduler, scaler, history, train_loader, steps_per_epoch
-        )
+    if resume and checkpoint.exists():
+        state = checkpoint.load()
+        start_epoch = int(state["epoch"])
         if start_epoch > epochs:
             raise ValueError(
-                f"checkpoint {checkpoint} has already trained {start_epoch} epochs, more than epochs={epochs}"
+                f"checkpoint {checkpoint.path} has already trained {start_epoch} epochs, more than epochs={epochs}"
             )
+        try:
+            for name in ("loss", "accuracy", "lr"):
+                getattr(history, name).extend(float(v) for v in state["history"][name])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ArtifactError(f"checkpoint {checkpoint.path} holds no encoder history: {error}") from error
+        checkpoint.restore_rng(state)
 
     from tqdm.auto import tqdm
 
@@ -330,7 +338,7 @@ def fit_encoder(
             if channels_last and images.dim() == 4:
                 images = images.contiguous(memory_format=torch.channels_last)
             try:
-                with torch.autocast(run_device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                with autocast(run_device, dtype):
                     logits = encoder(images)
                 loss = encoder.loss_from_logits(logits, labels)
             except NonFiniteError as error:
@@ -360,118 +368,6 @@ def fit_encoder(
         history.loss.append(loss_sum / seen)
         history.accuracy.append(correct / seen)
         history.lr.append(float(optimizer.param_groups[0]["lr"]))
-        if checkpoint is not None:
-            _save(checkpoint, epoch + 1, steps_per_epoch, encoder, optimizer, scheduler, scaler, history, train_loader)
+        checkpoint.save(epoch + 1, history.as_dict())
     encoder.eval()
     return history
-
-
-def _resolve_amp_dtype(amp_dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if amp_dtype is None:
-        return None
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-    if isinstance(amp_dtype, torch.dtype) and amp_dtype in names.values():
-        return amp_dtype
-    if isinstance(amp_dtype, str) and amp_dtype in names:
-        return names[amp_dtype]
-    raise ValueError(f"amp_dtype must be None, torch.bfloat16, torch.float16, 'bf16' or 'fp16', got {amp_dtype!r}")
-
-
-# The global NumPy and Python RNGs are seeded and checkpointed because user augmentations draw from them.
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)  # noqa: NPY002
-    torch.manual_seed(seed)
-
-
-def _loader_generators(loader: Any) -> dict[str, torch.Generator]:
-    """The generators that drive a loader's shuffling (the loader's own and its sampler's, when distinct)."""
-    found: dict[str, torch.Generator] = {}
-    for name, owner in (("loader", loader), ("sampler", getattr(loader, "sampler", None))):
-        generator = getattr(owner, "generator", None)
-        if isinstance(generator, torch.Generator) and all(generator is not g for g in found.values()):
-            found[name] = generator
-    return found
-
-
-def _rng_state(loader: Any) -> dict[str, Any]:
-    numpy_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))  # noqa: NPY002
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": [str(numpy_state[0]), torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "generators": {name: g.get_state() for name, g in _loader_generators(loader).items()},
-    }
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], loader: Any) -> None:
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    kind, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))  # noqa: NPY002
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    generators = _loader_generators(loader)
-    for name, generator_state in state["generators"].items():
-        if name in generators:
-            generators[name].set_state(generator_state)
-
-
-def _save(
-    path: Path,
-    epoch: int,
-    steps_per_epoch: int,
-    encoder: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    history: EncoderHistory,
-    loader: Any,
-) -> None:
-    save_checkpoint(
-        path,
-        {
-            "epoch": epoch,
-            "steps_per_epoch": steps_per_epoch,
-            "model": encoder.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "history": history.as_dict(),
-            "rng": _rng_state(loader),
-        },
-    )
-
-
-def _restore(
-    path: Path,
-    encoder: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    history: EncoderHistory,
-    loader: Any,
-    steps_per_epoch: int,
-) -> int:
-    """Load ``path`` into the training objects; return the number of epochs it had completed."""
-    state = load_checkpoint(path)
-    saved_steps = state.get("steps_per_epoch")
-    if saved_steps != steps_per_epoch:
-        raise ValueError(
-            f"checkpoint {path} was made with {saved_steps} steps per epoch but train_loader has {steps_per_epoch}; "
-            "resume with the same data and batch size, or start afresh with resume=False"
-        )
-    try:
-        encoder.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        for name in ("loss", "accuracy", "lr"):
-            getattr(history, name).extend(float(v) for v in state["history"][name])
-        _set_rng_state(state["rng"], loader)
-        return int(state["epoch"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as error:
-        raise ArtifactError(f"checkpoint {path} does not match this encoder and training run: {error}") from error

@@ -597,7 +597,7 @@ def _(env: Env) -> Any:
     return load_checkpoint(path)
 
 
-@case("encoder-resume-from-foreign-checkpoint", ArtifactError, r"does not match this encoder and training run")
+@case("encoder-resume-from-foreign-checkpoint", ArtifactError, r"is not a checkpoint of fit_encoder")
 def _(env: Env) -> Any:
     save_checkpoint(env.tmp / "encoder_checkpoint.pt", {"steps_per_epoch": 1, "model": {"w": torch.ones(1)}})
     encoder = TextConditionedEncoder(nn.Linear(3, 5), 5, _anchors(2, 4))

@@ -16,7 +16,7 @@ from dreamood.anchors import TokenEmbeddings
 from dreamood.encoder import CHECKPOINT_NAME, TextConditionedEncoder, fit_encoder
 from dreamood.errors import ArtifactError, NonFiniteError
 from dreamood.feature_bank import FeatureBank
-from dreamood.io import load_checkpoint
+from dreamood.io import load_checkpoint, save_checkpoint
 from dreamood.models import SmallConvNet
 from dreamood.protocols import Embedder
 
@@ -197,13 +197,26 @@ def test_resume_checks(tmp_path: Path) -> None:
     options = {"device": "cpu", "show_progress": False}
     fresh = fit_encoder(make_encoder(), make_loader(inputs, labels), 1, checkpoint_dir=tmp_path, resume=True, **options)
     assert len(fresh) == 1  # no checkpoint yet: starts afresh
-    with pytest.raises(ValueError, match="2 steps per epoch but train_loader has 4"):
+    with pytest.raises(ValueError, match="written with steps_per_epoch=2, this run has steps_per_epoch=4"):
         fit_encoder(make_encoder(), make_loader(inputs, labels, batch_size=8), 2, checkpoint_dir=tmp_path, resume=True)
     done = fit_encoder(make_encoder(), make_loader(inputs, labels), 1, checkpoint_dir=tmp_path, resume=True, **options)
     assert done.loss == fresh.loss  # already complete: nothing more to train
     other = TextConditionedEncoder(nn.Linear(INPUT_DIM, 3), 3, make_anchors())
     with pytest.raises(ArtifactError, match="does not match"):
         fit_encoder(other, make_loader(inputs, labels), 2, checkpoint_dir=tmp_path, resume=True, **options)
+
+
+def test_a_checkpoint_of_the_former_layout_is_refused_not_misread(tmp_path: Path) -> None:
+    inputs, labels = make_blobs(per_class=8)
+    encoder = make_encoder()
+    fit_encoder(encoder, make_loader(inputs, labels), 1, device="cpu", show_progress=False, checkpoint_dir=tmp_path)
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert (state["format"], state["kind"], state["steps_per_epoch"]) == ("dreamood.training", "fit_encoder", 2)
+    # The entries fit_encoder wrote before its checkpoint joined the shared layout.
+    former = {k: state[k] for k in ("epoch", "steps_per_epoch", "model", "optimizer", "scheduler", "scaler", "history")}
+    save_checkpoint(tmp_path / CHECKPOINT_NAME, {**former, "rng": {"torch": torch.get_rng_state()}})
+    with pytest.raises(ArtifactError, match=r"is not a checkpoint of fit_encoder \(format None.*resume=False"):
+        fit_encoder(make_encoder(), make_loader(inputs, labels), 2, device="cpu", checkpoint_dir=tmp_path, resume=True)
 
 
 @pytest.mark.parametrize("amp_dtype", ["bf16", torch.float16])

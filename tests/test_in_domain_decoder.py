@@ -14,6 +14,7 @@ from torch import Tensor
 from dreamood.anchors import TokenEmbeddings
 from dreamood.decoding.in_domain import InDomainDiffusionDecoder
 from dreamood.errors import ArtifactError, ModelNotFoundError, NonFiniteError
+from dreamood.io import load_checkpoint, save_checkpoint
 from dreamood.protocols import EmbeddingDecoder
 
 CLASSES = ["zero", "one", "two"]
@@ -191,6 +192,28 @@ def test_resumed_training_equals_an_uninterrupted_run(tmp_path: Path) -> None:
         _tiny().fit((images, labels), epochs=4, checkpoint_dir=tmp_path / "b", resume=True, **kwargs)  # type: ignore[arg-type]
     fresh = _tiny().fit((images, labels), epochs=3, checkpoint_dir=tmp_path / "c", resume=True, **kwargs)  # type: ignore[arg-type]
     _assert_same_state(_state(straight), _state(fresh))
+
+
+def test_a_checkpoint_of_the_former_layout_is_refused_not_misread(tmp_path: Path) -> None:
+    images, labels = _toy_data()
+    kwargs = {"batch_size": 5, "show_progress": False, "seed": 2}
+    _tiny().fit((images, labels), epochs=1, checkpoint_dir=tmp_path, **kwargs)  # type: ignore[arg-type]
+    state = load_checkpoint(tmp_path / "in_domain_decoder.pt")
+    assert (state["format"], state["kind"], state["epoch"]) == ("dreamood.training", "InDomainDiffusionDecoder.fit", 1)
+    assert set(state["rng"][0]) == {"generators"}  # only the fit's own generator: the global ones are left alone
+    # The entries fit wrote before its checkpoint joined the shared layout.
+    former = {
+        "config": state["config"],
+        "fit_args": state["fit_args"],
+        "epoch": 1,
+        "network": state["model"],
+        "optimizer": state["optimizer"],
+        "generator_state": state["rng"][0]["generators"]["fit"][0],
+        "loss_history": state["history"],
+    }
+    save_checkpoint(tmp_path / "in_domain_decoder.pt", former)
+    with pytest.raises(ArtifactError, match=r"is not a checkpoint of InDomainDiffusionDecoder.fit \(format None"):
+        _tiny().fit((images, labels), epochs=2, checkpoint_dir=tmp_path, resume=True, **kwargs)  # type: ignore[arg-type]
 
 
 def test_fit_rejects_bad_data() -> None:

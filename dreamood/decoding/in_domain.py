@@ -34,7 +34,8 @@ from dreamood._validation import (
 )
 from dreamood.anchors import TokenEmbeddings
 from dreamood.errors import ArtifactError, ModelNotFoundError, NonFiniteError
-from dreamood.io import load_artifact, load_checkpoint, save_artifact, save_checkpoint
+from dreamood.io import load_artifact, save_artifact
+from dreamood.training.checkpoint import TrainingCheckpoint
 
 __all__ = ["InDomainDiffusionDecoder"]
 
@@ -283,7 +284,8 @@ class InDomainDiffusionDecoder:
         Raises:
             ValueError: Invalid arguments or data, or a checkpoint written with another configuration.
             TypeError: ``data`` is of an unsupported type.
-            ArtifactError: The checkpoint is corrupt.
+            ArtifactError: The checkpoint is corrupt, or is not a checkpoint of this version of fit (one written
+                by an older dreamood, say).
         """
         check_positive_int(epochs, "epochs")
         check_positive_int(batch_size, "batch_size")
@@ -308,35 +310,29 @@ class InDomainDiffusionDecoder:
         network = self._new_network()
         optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=weight_decay)
         generator = torch.Generator().manual_seed(seed)
+        # All the training randomness comes from `generator`: the global generators are neither used nor saved.
+        checkpoint = TrainingCheckpoint(
+            None if checkpoint_dir is None else Path(checkpoint_dir) / _CHECKPOINT_FILE,
+            "InDomainDiffusionDecoder.fit",
+            objects={"model": network, "optimizer": optimizer},
+            run={"config": self.config, "fit_args": fit_args},
+            generators={"fit": [generator]},
+            global_rng=False,
+        )
+        checkpoint.remove_temporaries()
         start_epoch, losses = 0, []
-        checkpoint = Path(checkpoint_dir) / _CHECKPOINT_FILE if checkpoint_dir is not None else None
-        if resume and checkpoint is not None and checkpoint.is_file():
-            state = load_checkpoint(checkpoint)
-            self._check_checkpoint(state, checkpoint, fit_args)
+        if resume and checkpoint.exists():
+            state = checkpoint.load()
+            checkpoint.restore_rng(state)
             try:
-                network.load_state_dict(state["network"])
-                optimizer.load_state_dict(state["optimizer"])
-                generator.set_state(state["generator_state"])
-            except (KeyError, RuntimeError, ValueError) as error:
-                raise ArtifactError(f"checkpoint {checkpoint} does not fit this decoder: {error}") from error
-            start_epoch, losses = int(state["epoch"]), [float(v) for v in state["loss_history"]]
+                start_epoch, losses = int(state["epoch"]), [float(v) for v in state["history"]]
+            except (TypeError, ValueError) as error:
+                raise ArtifactError(f"checkpoint {checkpoint.path} holds no decoder loss history: {error}") from error
         self.network_ = network
         network.train()
         for epoch in progress(range(start_epoch, epochs), enabled=show_progress, desc="training decoder"):
             losses.append(self._train_epoch(images, labels, scheduler, optimizer, generator, batch_size))
-            if checkpoint is not None:
-                save_checkpoint(
-                    checkpoint,
-                    {
-                        "config": self.config,
-                        "fit_args": fit_args,
-                        "epoch": epoch + 1,
-                        "network": network.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "generator_state": generator.get_state(),
-                        "loss_history": losses,
-                    },
-                )
+            checkpoint.save(epoch + 1, losses)
         network.eval()
         self.epochs_trained_ = max(start_epoch, epochs)
         self.loss_history_ = losses
@@ -377,15 +373,6 @@ class InDomainDiffusionDecoder:
             total += value * len(index)
             count += len(index)
         return total / count
-
-    def _check_checkpoint(self, state: dict[str, Any], path: Path, fit_args: dict[str, Any]) -> None:
-        for key, expected in (("config", self.config), ("fit_args", fit_args)):
-            found = state.get(key)
-            if found != expected:
-                raise ValueError(
-                    f"checkpoint {path} was written with {key} {found!r}, which differs from this run's {expected!r}; "
-                    "use another checkpoint_dir or resume=False"
-                )
 
     def _training_tensors(self, data: Any) -> tuple[Tensor, Tensor]:
         """Validate ``data`` and return images in ``[-1, 1]`` ``(N, C, S, S)`` and labels ``(N,)`` on CPU."""

@@ -16,7 +16,6 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, cast
@@ -27,8 +26,9 @@ from torch import Tensor, nn
 
 from dreamood._utils import make_generator
 from dreamood.errors import ArtifactError, NonFiniteError
-from dreamood.io import atomic_write, load_checkpoint, remove_temporaries, save_checkpoint
+from dreamood.io import atomic_write, load_checkpoint, remove_temporaries
 from dreamood.protocols import FeatureOutlierSampler
+from dreamood.training.checkpoint import CHECKPOINT_FORMAT, TrainingCheckpoint
 from dreamood.training.config import EpochMetrics, TrainingConfig, TrainingResult, _LoopSettings
 from dreamood.training.distributed import (
     all_reduce_sum,
@@ -38,12 +38,11 @@ from dreamood.training.distributed import (
     setup_distributed,
 )
 from dreamood.training.losses import bad_distribution_rows, distribution_cross_entropy
-from dreamood.training.rng import capture_rng_state, loader_generators, restore_rng_state
+from dreamood.training.precision import autocast, autocast_dtype, grad_scaler
+from dreamood.training.rng import loader_generators
+from dreamood.training.schedule import cosine_schedule
 
 __all__ = ["CHECKPOINT_FORMAT", "train_classifier"]
-
-CHECKPOINT_FORMAT = "dreamood.training"
-"""Value of the ``"format"`` entry of every checkpoint this loop writes."""
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # Values a step leaves on the device (see _PendingStep).
@@ -453,15 +452,6 @@ def _check_labels(checks: list[float], item: _PendingStep) -> None:
     raise ValueError(f"another process found labels out of range or rows that are not distributions{where}")
 
 
-def _cosine_schedule(total_steps: int, min_ratio: float) -> Callable[[int], float]:
-    """Learning-rate factor of step ``t``: ``min_ratio + (1 - min_ratio) * (1 + cos(pi * t / total)) / 2``."""
-
-    def factor(step: int) -> float:
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
-
-    return factor
-
-
 def _model_weights(state: dict[str, Any], path: Any) -> dict[str, Tensor]:
     """The model state dict inside a checkpoint of this loop, or the plain state dict ``state``."""
     weights = state["model"] if state.get("format") == CHECKPOINT_FORMAT else state
@@ -579,12 +569,9 @@ class _TrainingRun:
             nesterov=config.nesterov,
             weight_decay=config.weight_decay,
         )
-        total_steps = config.epochs * self.steps_per_epoch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _cosine_schedule(total_steps, config.min_lr / config.lr)
-        )
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp or "")
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+        self.scheduler = cosine_schedule(self.optimizer, config.epochs * self.steps_per_epoch, config.min_lr)
+        self.amp_dtype = autocast_dtype(config.amp)
+        self.scaler = grad_scaler(self.device, self.amp_dtype)
         shuffle_seed, sample_seed = (int(s) for s in np.random.SeedSequence(config.seed).generate_state(2))
         self.shuffle_generator = cast(torch.Generator, make_generator(shuffle_seed, "cpu"))
         self.sample_generator = cast(torch.Generator, make_generator(sample_seed, self.device))
@@ -598,67 +585,55 @@ class _TrainingRun:
         self.output_dir = None if config.output_dir is None else Path(config.output_dir)
         self.checkpoint_path = None if self.output_dir is None else self.output_dir / CHECKPOINT_NAME
         self.metrics_path = None if self.output_dir is None else self.output_dir / METRICS_NAME
+        objects: dict[str, Any] = {"model": self.model}
+        if self.regularizer is not None:
+            objects["regularizer"] = self.regularizer
+        objects.update(optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
+        self.checkpoint = TrainingCheckpoint(
+            self.checkpoint_path,
+            "train_classifier",
+            objects=objects,
+            run={
+                "epochs": config.epochs,
+                "steps_per_epoch": self.steps_per_epoch,
+                "world_size": context.world_size,
+                "has_regularizer": self.regularizer is not None,
+            },
+            generators=self.generators,
+            rank=context.rank,
+        )
         self.history: list[EpochMetrics] = []
         self.start_epoch = 0
-        if context.is_main and self.checkpoint_path is not None and self.metrics_path is not None:
+        if context.is_main and self.metrics_path is not None:
             # Left by a process killed while writing; only this process writes these files.
-            remove_temporaries(self.checkpoint_path)
+            self.checkpoint.remove_temporaries()
             remove_temporaries(self.metrics_path)
-        rng_state = self._load_initial_state()
+        resumed = self._load_initial_state()
 
         self.plain_network = _Network(self.model, feature_extractor, classifier_head)
         # What the steps call: the plain modules, wrapped for the duration of train() (see _wrap_modules).
         self.network: nn.Module = self.plain_network
         self.loss_module = self.regularizer
         # Restored last, so nothing above draws from the restored states.
-        if rng_state is not None:
-            problems = restore_rng_state(rng_state, self.generators)
-            if problems:
-                warnings.warn(
-                    f"could not restore these random states, the resumed run may differ: {', '.join(problems)}",
-                    stacklevel=3,
-                )
+        if resumed is not None:
+            self.checkpoint.restore_rng(resumed)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
 
     def _load_initial_state(self) -> dict[str, Any] | None:
-        """Resume from the checkpoint or load the initial weights; return the random state to restore."""
+        """Resume from the checkpoint or load the initial weights; return the checkpoint resumed from."""
         config = self.config
-        if config.resume and self.checkpoint_path is not None and self.checkpoint_path.is_file():
-            state = load_checkpoint(self.checkpoint_path, map_location="cpu")
-            self._check_resumable(state)
-            self.model.load_state_dict(state["model"])
-            if self.regularizer is not None:
-                self.regularizer.load_state_dict(state["regularizer"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.scaler.load_state_dict(state["scaler"])
-            self._load_sampler_state(state["feature_sampler"])
+        if config.resume and self.checkpoint.exists():
+            state = self.checkpoint.load()
+            self._load_sampler_state(state.get("feature_sampler", {}))
             self._load_extra_state(state.get("extra_state", {}))
             self.history = [EpochMetrics.from_dict(item) for item in state["history"]]
             self.start_epoch = int(state["epoch"])
-            return cast(dict[str, Any], state["rng"][self.context.rank])
+            return state
         if config.init_checkpoint is not None:
             state = load_checkpoint(config.init_checkpoint, map_location="cpu")
             self.model.load_state_dict(_model_weights(state, config.init_checkpoint))
         return None
-
-    def _check_resumable(self, state: dict[str, Any]) -> None:
-        path = self.checkpoint_path
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ArtifactError(f"{path} is not a checkpoint of train_classifier (format {state.get('format')!r})")
-        expected = {
-            "epochs": self.config.epochs,
-            "steps_per_epoch": self.steps_per_epoch,
-            "world_size": self.context.world_size,
-            "has_regularizer": self.regularizer is not None,
-        }
-        for key, value in expected.items():
-            if state.get(key) != value:
-                raise ValueError(
-                    f"cannot resume from {path}: it was written with {key}={state.get(key)!r}, this run has "
-                    f"{key}={value!r}; use another output_dir or resume=False"
-                )
 
     def _load_sampler_state(self, sampler_state: dict[str, Any]) -> None:
         sampler = self.feature_sampler
@@ -693,30 +668,20 @@ class _TrainingRun:
             )
 
     def _save(self, epoch: int) -> None:
-        rng_states = gather_objects(capture_rng_state(self.generators), self.context)
+        rng_states = gather_objects(self.checkpoint.capture_rng(), self.context)
         if not self.context.is_main or self.checkpoint_path is None or self.metrics_path is None:
             return
         sampler_state_dict = getattr(self.feature_sampler, "state_dict", None)
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": 1,
-            "epoch": epoch + 1,
-            "epochs": self.config.epochs,
-            "steps_per_epoch": self.steps_per_epoch,
-            "world_size": self.context.world_size,
-            "has_regularizer": self.regularizer is not None,
-            "config": self.config.to_dict(),
-            "model": self.model.state_dict(),
-            "regularizer": {} if self.regularizer is None else self.regularizer.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "feature_sampler": sampler_state_dict() if callable(sampler_state_dict) else {},
-            "extra_state": {name: value.state_dict() for name, value in self.extra_state.items()},
-            "rng": rng_states,
-            "history": [item.to_dict() for item in self.history],
-        }
-        save_checkpoint(self.checkpoint_path, state)
+        self.checkpoint.save(
+            epoch + 1,
+            [item.to_dict() for item in self.history],
+            rng=rng_states,
+            extra={
+                "config": self.config.to_dict(),
+                "feature_sampler": sampler_state_dict() if callable(sampler_state_dict) else {},
+                "extra_state": {name: value.state_dict() for name, value in self.extra_state.items()},
+            },
+        )
         log = {
             "config": self.config.to_dict(),
             "world_size": self.context.world_size,
@@ -951,8 +916,7 @@ class _TrainingRun:
         virtual = None
         if use_ood and self.feature_sampler is not None and self.feature_sampler.ready:
             virtual = self._virtual_outliers()
-        autocast = nullcontext() if self.amp_dtype is None else torch.autocast(self.device.type, self.amp_dtype)
-        with autocast:
+        with autocast(self.device, self.amp_dtype):
             features, logits, ce, ood = self._losses(assembled, virtual)
             loss = ce if ood is None else ce + config.beta * ood
 

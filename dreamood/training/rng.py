@@ -1,4 +1,4 @@
-"""Capturing and restoring every random state a training run consumes, in a ``weights_only``-loadable form.
+"""Seeding, capturing and restoring every random state a training run consumes, in a ``weights_only``-loadable form.
 
 A resumed run must draw exactly the numbers the uninterrupted run would have drawn: torch's CPU and CUDA
 generators (dropout, a loader's shuffling when it has no generator of its own), Python's and NumPy's global
@@ -14,7 +14,23 @@ from typing import Any
 
 import torch
 
-__all__ = ["capture_rng_state", "loader_generators", "restore_rng_state"]
+__all__ = ["capture_rng_state", "loader_generators", "restore_rng_state", "seed_everything"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (CPU and every GPU) with ``seed``.
+
+    User code such as random image augmentations draws from these generators, so a training run seeds them
+    all; the NumPy seed is ``seed`` modulo ``2**32``.
+
+    Args:
+        seed: Any integer.
+    """
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 (the legacy global state is what user code draws from)
+    torch.manual_seed(seed)
 
 
 def loader_generators(loader: Any) -> list[torch.Generator]:
@@ -34,17 +50,22 @@ def loader_generators(loader: Any) -> list[torch.Generator]:
     return found
 
 
-def capture_rng_state(generators: Mapping[str, list[torch.Generator]]) -> dict[str, Any]:
+def capture_rng_state(generators: Mapping[str, list[torch.Generator]], *, global_state: bool = True) -> dict[str, Any]:
     """Snapshot the global random states and the given generators.
 
     Args:
         generators: Named groups of explicit generators (for example each loader's).
+        global_state: Also capture the global generators (torch CPU and CUDA, Python, NumPy); ``False`` for a
+            run that draws only from explicit generators and must leave the global ones alone.
 
     Returns:
         A dict of tensors and plain values that :func:`restore_rng_state` accepts.
     """
     import numpy as np
 
+    explicit = {name: [g.get_state() for g in group] for name, group in generators.items()}
+    if not global_state:
+        return {"generators": explicit}
     version, mt_state, gauss_next = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()  # noqa: NPY002 (the legacy global state is what user code draws from)
     return {
@@ -58,21 +79,40 @@ def capture_rng_state(generators: Mapping[str, list[torch.Generator]]) -> dict[s
             "has_gauss": int(np_has_gauss),
             "cached_gaussian": float(np_cached),
         },
-        "generators": {name: [g.get_state() for g in group] for name, group in generators.items()},
+        "generators": explicit,
     }
 
 
-def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, list[torch.Generator]]) -> list[str]:
+def restore_rng_state(
+    state: Mapping[str, Any], generators: Mapping[str, list[torch.Generator]], *, global_state: bool = True
+) -> list[str]:
     """Put back the random states captured by :func:`capture_rng_state`.
 
     Args:
         state: A dict from :func:`capture_rng_state`.
         generators: The same named groups of generators, in the same order, as at capture time.
+        global_state: Also restore the global generators; give the value given to :func:`capture_rng_state`.
 
     Returns:
         Descriptions of the states that could not be restored (a CUDA state on a machine with a different
         number of GPUs, a generator group whose size changed), empty when everything was restored.
+
+    Raises:
+        KeyError: ``global_state`` is true but ``state`` holds no global states.
     """
+    problems = _restore_global_state(state) if global_state else []
+    saved_groups = state["generators"]
+    for name, group in generators.items():
+        saved = saved_groups.get(name)
+        if saved is None or len(saved) != len(group):
+            problems.append(f"generators of {name}")
+            continue
+        for generator, generator_state in zip(group, saved):
+            generator.set_state(generator_state)
+    return problems
+
+
+def _restore_global_state(state: Mapping[str, Any]) -> list[str]:
     import numpy as np
 
     problems: list[str] = []
@@ -94,12 +134,4 @@ def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, list[to
             numpy_state["cached_gaussian"],
         )
     )
-    saved_groups = state["generators"]
-    for name, group in generators.items():
-        saved = saved_groups.get(name)
-        if saved is None or len(saved) != len(group):
-            problems.append(f"generators of {name}")
-            continue
-        for generator, generator_state in zip(group, saved):
-            generator.set_state(generator_state)
     return problems
