@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import json
@@ -589,12 +590,13 @@ def test_training_speed_settings_reach_the_training_loop(
 ) -> None:
     import dreamood.training as training
 
-    calls: list[dict[str, object]] = []
+    calls: list[object] = []
     train = training.train_classifier
 
-    def record(*args: object, **options: object) -> object:
-        calls.append(options)
-        return train(*args, **{**options, "compile": False, "compile_mode": None})  # type: ignore[arg-type]
+    def record(model: object, loader: object, config: object, **options: object) -> object:
+        calls.append(config)
+        quick = dataclasses.replace(config, compile=False, compile_mode=None)  # type: ignore[type-var]
+        return train(model, loader, quick, **options)  # type: ignore[arg-type]
 
     monkeypatch.setattr(training, "train_classifier", record)
     settings = {"channels_last": True, "compile": True, "compile_mode": "reduce-overhead", "cudnn_benchmark": True}
@@ -604,4 +606,4 @@ def test_training_speed_settings_reach_the_training_loop(
     anchors = pipeline.anchors()
     pipeline.train(pipeline.generate(pipeline.sample(pipeline.feature_bank(pipeline.fit_encoder(anchors)), anchors)))
     assert len(calls) == 1
-    assert {key: calls[0][key] for key in settings} == settings
+    assert {key: getattr(calls[0], key) for key in settings} == settings
