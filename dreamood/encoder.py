@@ -222,6 +222,7 @@ def fit_encoder(
     resume: bool = False,
     show_progress: bool = True,
     seed: int | None = 0,
+    fingerprint: str | None = None,
 ) -> EncoderHistory:
     """Train ``encoder`` with the paper's Phase 1 recipe (Du et al., NeurIPS 2023, Eq. 2).
 
@@ -250,13 +251,17 @@ def fit_encoder(
         show_progress: Show a progress bar with the running loss and accuracy.
         seed: Seeds Python's, NumPy's and torch's global RNGs before training (``None``: leave them).
             When resuming, the RNG states saved in the checkpoint replace them.
+        fingerprint: What identifies the data and settings of this training beyond the arguments (the pipeline
+            passes its stage's fingerprint). Stored in the checkpoint; a checkpoint is resumed only when it was
+            written with the same fingerprint, learning rate, momentum, weight decay, precision and seed.
 
     Returns:
         The per-epoch loss, accuracy and learning rate of all epochs, resumed ones included.
 
     Raises:
         ValueError: A bad hyper-parameter, an unsized or empty loader, ``resume`` without
-            ``checkpoint_dir``, or a checkpoint made with another loader length or more epochs.
+            ``checkpoint_dir``, or a checkpoint made with another loader length, other settings, another
+            fingerprint or more epochs.
         NonFiniteError: The loss or the backbone's features became NaN or infinite (the message names
             the epoch and step).
         ArtifactError: The checkpoint is not a checkpoint of this version of fit_encoder, or does not match the
@@ -300,7 +305,18 @@ def fit_encoder(
         None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME,
         "fit_encoder",
         objects={"model": encoder, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler},
-        run={"steps_per_epoch": steps_per_epoch},
+        run={
+            "steps_per_epoch": steps_per_epoch,
+            "settings": {
+                "lr": lr,
+                "momentum": momentum,
+                "nesterov": nesterov,
+                "weight_decay": weight_decay,
+                "amp": None if dtype is None else str(dtype),
+                "seed": seed,
+            },
+            "fingerprint": fingerprint,
+        },
         generators={"train_loader": loader_generators(train_loader)},
     )
     checkpoint.remove_temporaries()  # left by a process killed while writing the checkpoint

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dreamood.errors import ArtifactError
 from dreamood.io import load_checkpoint, save_checkpoint
-from dreamood.training import train_classifier
+from dreamood.training import TrainingConfig, train_classifier
 from dreamood.training.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, TrainingCheckpoint
 from dreamood.training.precision import autocast, autocast_dtype, grad_scaler
 from dreamood.training.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -233,21 +233,58 @@ def test_bad_construction_and_entries(tmp_path: Path) -> None:
         TrainingCheckpoint(tmp_path / "c.pt", "test_loop", objects={"model": model}).save(1, [], extra={"model": 1})
 
 
-def test_train_classifier_reads_a_checkpoint_of_the_first_layout(tmp_path: Path) -> None:
-    x, y = torch.randn(8, 2), torch.randint(0, 3, (8,))
+def _classifier_run(tmp_path: Path, config: TrainingConfig, **options: Any) -> nn.Module:
+    x, y = torch.randn(8, 2, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 3))
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    train_classifier(model, loader, config, output_dir=tmp_path, resume=True, device="cpu", progress=False, **options)
+    return model
 
-    def run(seed: int) -> nn.Module:
-        torch.manual_seed(seed)
-        model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 3))
-        loader = DataLoader(TensorDataset(x, y), batch_size=4)
-        train_classifier(model, loader, epochs=2, output_dir=tmp_path, resume=True, device="cpu", progress=False)
-        return model
 
-    trained = run(0)
+def test_train_classifier_resumes_only_a_checkpoint_of_the_same_run(tmp_path: Path) -> None:
+    trained = _classifier_run(tmp_path, TrainingConfig(epochs=2), fingerprint="run A")
+    again = _classifier_run(tmp_path, TrainingConfig(epochs=2), fingerprint="run A")  # finished: nothing to train
+    for a, b in zip(trained.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+    for config, options, message in [
+        (TrainingConfig(epochs=2, lr=0.05), {"fingerprint": "run A"}, "written with lr=0.1, this run has lr=0.05"),
+        (TrainingConfig(epochs=2), {"fingerprint": "run A", "seed": 1}, "written with seed=0, this run has seed=1"),
+        (TrainingConfig(epochs=2), {"fingerprint": "run B"}, "written with fingerprint='run A', this run has"),
+        (TrainingConfig(epochs=2, amp="bf16"), {"fingerprint": "run A"}, "written with amp=None, this run has amp="),
+    ]:
+        with pytest.raises(ValueError, match=rf"cannot resume from .*checkpoint.pt: it was {message}"):
+            _classifier_run(tmp_path, config, **options)
+
+
+def test_a_checkpoint_of_the_first_layout_is_refused_clearly(tmp_path: Path) -> None:
+    _classifier_run(tmp_path, TrainingConfig(epochs=2))
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["kind"] == "train_classifier"
-    first_layout = {key: value for key, value in state.items() if key != "kind"}
+    first_layout = {key: value for key, value in state.items() if key not in ("kind", "settings", "fingerprint")}
     save_checkpoint(tmp_path / "checkpoint.pt", {**first_layout, "format_version": 1, "regularizer": {}})
-    resumed = run(1)  # finished: the weights come from the version-1 file
-    for a, b in zip(trained.state_dict().values(), resumed.state_dict().values()):
-        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="it records no 'settings' to check against this run .* resume=False"):
+        _classifier_run(tmp_path, TrainingConfig(epochs=2))
+
+
+def test_fit_encoder_resumes_only_a_checkpoint_of_the_same_run(tmp_path: Path) -> None:
+    from dreamood.anchors import TokenEmbeddings
+    from dreamood.encoder import TextConditionedEncoder, fit_encoder
+
+    anchors = TokenEmbeddings(["cat", "dog"], 0.4 * torch.eye(2, 6))
+    x, y = torch.randn(8, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1] * 4)
+
+    def fit(**options: Any) -> None:
+        torch.manual_seed(0)
+        encoder = TextConditionedEncoder(nn.Linear(3, 5), 5, anchors)
+        loader = DataLoader(TensorDataset(x, y), batch_size=4)
+        fit_encoder(
+            encoder, loader, 2, checkpoint_dir=tmp_path, resume=True, device="cpu", show_progress=False, **options
+        )
+
+    fit(lr=0.1, fingerprint="run A")
+    fit(lr=0.1, fingerprint="run A")  # finished: resumes and trains nothing
+    with pytest.raises(ValueError, match="it was written with lr=0.1, this run has lr=0.05"):
+        fit(lr=0.05, fingerprint="run A")
+    with pytest.raises(ValueError, match="it was written with fingerprint='run A', this run has fingerprint='run B'"):
+        fit(lr=0.1, fingerprint="run B")

@@ -233,6 +233,7 @@ def train_godin(
     resume: bool = False,
     init_checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    fingerprint: str | None = None,
 ) -> TrainingResult:
     """Train a :class:`GodinClassifier` with cross-entropy on its quotient logits, without weight decay on ``h``.
 
@@ -251,6 +252,8 @@ def train_godin(
         resume: Continue from ``output_dir/checkpoint.pt`` when it exists.
         init_checkpoint: Weights to start from when not resuming.
         progress: Show a progress bar.
+        fingerprint: What identifies the training's data and settings; a checkpoint written with another one
+            is not resumed (see :func:`~dreamood.training.train_classifier`).
 
     Returns:
         The per-epoch history.
@@ -273,6 +276,7 @@ def train_godin(
         resume=resume,
         init_checkpoint=init_checkpoint,
         progress=progress,
+        fingerprint=fingerprint,
     )
 
 

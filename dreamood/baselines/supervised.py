@@ -33,6 +33,7 @@ def train_supervised(
     resume: bool = False,
     init_checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    fingerprint: str | None = None,
 ) -> TrainingResult:
     """Train ``model`` in place with cross-entropy on ID batches and, optionally, extra labelled images.
 
@@ -58,6 +59,8 @@ def train_supervised(
         resume: Continue from ``output_dir/checkpoint.pt`` when it exists.
         init_checkpoint: Weights to start from when not resuming.
         progress: Show a progress bar.
+        fingerprint: What identifies the training's data and settings; a checkpoint written with another one
+            is not resumed (see :func:`~dreamood.training.train_classifier`).
 
     Returns:
         The per-epoch history (``ood_loss`` is ``None``; ``accuracy`` is measured on the ID images against the
@@ -81,4 +84,5 @@ def train_supervised(
         resume=resume,
         init_checkpoint=init_checkpoint,
         progress=progress,
+        fingerprint=fingerprint,
     )

@@ -437,7 +437,9 @@ class BaselineRunner:
         recipe = self._scratch_recipe()
         # Every baseline trains with the shared loop, so a killed run resumes from its last per-epoch checkpoint
         # in training/ (for the GAN baseline that checkpoint holds the GAN as well).
-        where = self.pipe.training_run(folder / "training", resume=name not in self.pipe.force)
+        where = self.pipe.training_run(
+            folder / "training", resume=name not in self.pipe.force, fingerprint=self.fingerprint(name)
+        )
         id_loader = self.pipe.loader(self.pipe.data.train, cfg.batch_size, shuffle=True)
         logger.info("[baseline %s] training for %d epochs", name, recipe.epochs)
         start = time.perf_counter()

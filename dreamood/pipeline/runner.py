@@ -76,6 +76,7 @@ class TrainingRun(TypedDict):
     output_dir: Path
     resume: bool
     progress: bool
+    fingerprint: str
 
 
 # Keys that do not change any artefact, so a change of them is not reported.
@@ -304,15 +305,16 @@ class Pipeline:
         with self.seeded_init():  # every initial weight, the head's too, from the seed
             return Classifier(self.backbone_factory(self.config.training.backbone), len(self.class_names))
 
-    def training_run(self, output_dir: Path, *, resume: bool) -> TrainingRun:
+    def training_run(self, output_dir: Path, *, resume: bool, fingerprint: str) -> TrainingRun:
         """The run-time arguments of :func:`~dreamood.training.train_classifier` for a training of this run.
 
         Args:
             output_dir: The folder of its checkpoints.
             resume: Continue from the checkpoint there.
+            fingerprint: What the training is made from (a checkpoint of another fingerprint is not resumed).
 
         Returns:
-            ``device``, ``seed``, ``output_dir``, ``resume`` and ``progress``, to pass as keywords.
+            ``device``, ``seed``, ``output_dir``, ``resume``, ``progress`` and ``fingerprint``, to pass as keywords.
         """
         return {
             "device": self.config.device,
@@ -320,6 +322,7 @@ class Pipeline:
             "output_dir": output_dir,
             "resume": resume,
             "progress": self.config.progress,
+            "fingerprint": fingerprint,
         }
 
     def loader(
@@ -435,6 +438,18 @@ class Pipeline:
         record = stage_named(stage) if isinstance(stage, str) else stage
         inputs = {name: self.fingerprint(name) for name in record.inputs}
         return fingerprint_of(record.name, self._settings(record), self._components(record), inputs)
+
+    def settings_fingerprint(self, stage: str | Stage[Any]) -> str:
+        """The SHA-256 of ``stage``'s own settings and component, without its inputs.
+
+        Args:
+            stage: A stage record or name.
+
+        Returns:
+            The hexadecimal fingerprint (what a part of the stage that reads none of its inputs depends on).
+        """
+        record = stage_named(stage) if isinstance(stage, str) else stage
+        return fingerprint_of(record.name, self._settings(record), self._components(record), {})
 
     def status(self, stage: str | Stage[Any]) -> StageStatus:
         """What :meth:`run` will do with ``stage``, and why.

@@ -194,6 +194,7 @@ def _make_encoder(pipe: Pipeline, anchors: TokenEmbeddings) -> TextConditionedEn
         resume=not pipe.starts_afresh(ENCODER),
         show_progress=pipe.config.progress,
         seed=pipe.config.seed,
+        fingerprint=pipe.fingerprint(ENCODER),
     )
     save_checkpoint(pipe.path(ENCODER), {"model": encoder.state_dict()})
     return encoder
@@ -343,7 +344,11 @@ def _make_classifier(pipe: Pipeline, images: Path) -> Classifier:
     init = cfg.init_checkpoint
     if init is None and cfg.pretrain_epochs > 0:
         init = str(_pretrained(pipe, id_loader))
-    where = pipe.training_run(pipe.output_dir / "classifier", resume=not pipe.starts_afresh(CLASSIFIER))
+    where = pipe.training_run(
+        pipe.output_dir / "classifier",
+        resume=not pipe.starts_afresh(CLASSIFIER),
+        fingerprint=pipe.fingerprint(CLASSIFIER),
+    )
     if pipe.config.method == "dream-ood":
         regularizer = EnergyOODRegularizer(cfg.head, cfg.hidden_dim, cfg.energy_temperature)
         train_classifier(
@@ -377,24 +382,39 @@ def _check_images(pipe: Pipeline, folder: Path) -> None:
 
 
 def _pretrained(pipe: Pipeline, id_loader: Any) -> Path:
-    """A cross-entropy classifier to start Phase 3 from (the paper's ImageNet-100 recipe), trained once."""
+    """A cross-entropy classifier to start Phase 3 from (the paper's ImageNet-100 recipe), trained once.
+
+    ``pretrained.json`` records the fingerprint of the classifier stage's settings it was made from (it reads
+    no generated image): a pre-training made from other settings is deleted and trained again.
+    """
+    import json
     import logging
+    import shutil
 
     from dreamood.training import train_classifier
 
     logger = logging.getLogger("dreamood.pipeline")
-    path = pipe.output_dir / "pretrained.pt"
+    path, record = pipe.output_dir / "pretrained.pt", pipe.output_dir / "pretrained.json"
+    fingerprint = pipe.settings_fingerprint(CLASSIFIER)
     if is_main_process():
-        pipe.remove_temporaries([path])
-    if path.is_file():
+        pipe.remove_temporaries([path, record])
+    recorded = json.loads(record.read_text()).get("fingerprint") if record.is_file() else None
+    if path.is_file() and recorded == fingerprint:
         logger.info("[classifier] cross-entropy pre-training skipped: %s exists", path)
         return path
+    if recorded != fingerprint and is_main_process():  # made from other settings, or by an older dreamood
+        path.unlink(missing_ok=True)
+        shutil.rmtree(pipe.output_dir / "pretrain", ignore_errors=True)
+        with atomic_write(record, "w") as handle:
+            json.dump({"fingerprint": fingerprint}, handle)
+    barrier()
     cfg = pipe.config.training
     logger.info("[classifier] cross-entropy pre-training for %d epochs", cfg.pretrain_epochs)
     seed_global_rngs(pipe.config.seed)
     model = pipe.new_classifier()
     recipe = replace(cfg.loop(), epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr, beta=0.0)
-    train_classifier(model, id_loader, recipe, **pipe.training_run(pipe.output_dir / "pretrain", resume=True))
+    where = pipe.training_run(pipe.output_dir / "pretrain", resume=True, fingerprint=fingerprint)
+    train_classifier(model, id_loader, recipe, **where)
     if is_main_process():
         save_checkpoint(path, model.state_dict())
     barrier()  # under torchrun, every process then reads the file rank 0 wrote

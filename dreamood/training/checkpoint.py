@@ -211,11 +211,24 @@ class TrainingCheckpoint:
         if kind != self.kind:
             raise ArtifactError(f"{path} is not a checkpoint of {self.kind} but of {kind}")
         for key, value in self.run.items():
-            if state.get(key) != value:
+            if key not in state:
                 raise ValueError(
-                    f"cannot resume from {path}: it was written with {key}={state.get(key)!r}, this run has "
-                    f"{key}={value!r}; use another folder or start afresh with resume=False"
+                    f"cannot resume from {path}: it records no {key!r} to check against this run (an older dreamood "
+                    "wrote it); start afresh with resume=False"
                 )
+            saved = state[key]
+            if saved == value:
+                continue
+            if isinstance(saved, Mapping) and isinstance(value, Mapping):
+                keys = sorted(name for name in set(saved) | set(value) if saved.get(name) != value.get(name))
+                written = ", ".join(f"{name}={saved.get(name)!r}" for name in keys)
+                current = ", ".join(f"{name}={value.get(name)!r}" for name in keys)
+            else:
+                written, current = f"{key}={saved!r}", f"{key}={value!r}"
+            raise ValueError(
+                f"cannot resume from {path}: it was written with {written}, this run has {current}; use "
+                "another folder or start afresh with resume=False"
+            )
         missing = [name for name in ("epoch", "rng", "history", *self.objects) if name not in state]
         if missing:
             raise ArtifactError(f"{path} lacks the entries {missing} of a {self.kind} checkpoint")

@@ -29,6 +29,7 @@ class _LoopSettings(TrainingConfig):
     resume: bool = False
     init_checkpoint: str | os.PathLike[str] | None = None
     progress: bool = True
+    fingerprint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the settings as a JSON-serialisable dict (paths as strings).

@@ -45,6 +45,8 @@ from dreamood.training.schedule import cosine_schedule
 __all__ = ["CHECKPOINT_FORMAT", "train_classifier"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# The settings a resumed run must share with the checkpoint: each one changes the trained model.
+_RESULT_SETTINGS = ("lr", "beta", "momentum", "nesterov", "weight_decay", "min_lr", "ood_start_epoch", "amp", "seed")
 # Values a step leaves on the device (see _PendingStep).
 _STEP_VALUES = 9
 METRICS_NAME = "metrics.json"
@@ -69,6 +71,7 @@ def train_classifier(
     resume: bool = False,
     init_checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    fingerprint: str | None = None,
 ) -> TrainingResult:
     """Train ``model`` in place with cross-entropy plus, optionally, the energy outlier loss.
 
@@ -139,6 +142,10 @@ def train_classifier(
         init_checkpoint: Weights to start from when not resuming: a checkpoint of this loop or a plain model
             state dict (a ``module.`` prefix left by ``DataParallel`` is removed).
         progress: Show a tqdm progress bar with the running loss and accuracy (on rank 0 only).
+        fingerprint: What identifies the data and settings of this training beyond ``config`` (the pipeline
+            passes its stage's fingerprint). Stored in every checkpoint; a checkpoint is resumed only when it
+            was written with the same fingerprint, the same result-changing settings of ``config`` and the same
+            seed, number of epochs, steps per epoch and number of processes.
 
     Returns:
         The per-epoch history and the paths written.
@@ -153,7 +160,7 @@ def train_classifier(
         NonFiniteError: The loss became NaN or infinite; the message names the epoch and step.
         ArtifactError: A checkpoint cannot be read safely.
     """
-    settings = _loop_settings(config, device, seed, output_dir, resume, init_checkpoint, progress)
+    settings = _loop_settings(config, device, seed, output_dir, resume, init_checkpoint, progress, fingerprint)
     _check_arguments(
         model,
         id_loader,
@@ -197,6 +204,7 @@ def _loop_settings(
     resume: bool,
     init_checkpoint: str | os.PathLike[str] | None,
     progress: bool,
+    fingerprint: str | None,
 ) -> _LoopSettings:
     """``config``'s TrainingConfig fields (a subclass's own fields are left out) and the run-time arguments."""
     if not isinstance(config, TrainingConfig):
@@ -214,6 +222,7 @@ def _loop_settings(
         resume=resume,
         init_checkpoint=init_checkpoint,
         progress=progress,
+        fingerprint=fingerprint,
     )
 
 
@@ -598,6 +607,8 @@ class _TrainingRun:
                 "steps_per_epoch": self.steps_per_epoch,
                 "world_size": context.world_size,
                 "has_regularizer": self.regularizer is not None,
+                "settings": {key: getattr(config, key) for key in _RESULT_SETTINGS},
+                "fingerprint": config.fingerprint,
             },
             generators=self.generators,
             rank=context.rank,
