@@ -119,16 +119,24 @@ class AnchorsConfig:
     Attributes:
         model: Stable Diffusion folder or Hugging Face model id (the anchors come from its tokenizer and text
             encoder, so they match the generator).
-        subword: How a class name split into several tokens becomes one vector: ``"mean"`` or ``"first"``.
+        subword: How a class name split into several tokens becomes one vector: ``"mean-norm"`` (the mean of
+            its rows rescaled to their mean norm), ``"mean"`` (the plain mean, whose norm shrinks) or ``"first"``
+            (the first token's row, as the authors' code does).
         local_files_only: Never download the model.
+        words: Per-class words tokenised instead of the class names (one per class, label order), e.g. the
+            authors' injection words (``dreamood.data.reference_words(benchmark).injection_words``); ``None``
+            tokenises the class names.
     """
 
     model: str = "CompVis/stable-diffusion-v1-4"
-    subword: str = "mean"
+    subword: str = "mean-norm"
     local_files_only: bool = True
+    words: list[str] | None = None
 
     def __post_init__(self) -> None:
-        _one_of(self.subword, ("mean", "first"), "subword")
+        _one_of(self.subword, ("mean-norm", "mean", "first"), "subword")
+        if self.words is not None and (not self.words or any(not word.strip() for word in self.words)):
+            raise ConfigError("words must be null or a non-empty list of non-empty words, one per class")
 
 
 @dataclass(frozen=True)
