@@ -4,9 +4,9 @@
 CIFAR variant (and the one DREAM-OOD trains on CIFAR-100); ``small_input=False`` keeps the standard ImageNet
 stem for 224x224 images. Either stem works at any resolution: the authors' ImageNet-100 ResNet-34 keeps the 3x3
 stem without max-pool at 224 px, so their checkpoints need ``small_input=True`` there. :data:`STEMS` and
-:func:`uses_small_stem` turn a configuration's ``stem`` choice into ``small_input``. Weights are randomly initialised as torchvision does; nothing is downloaded. The
-feature extractor's parameter names match torchvision's (without ``fc``), so a torchvision state dict loads
-into it with ``strict=False``.
+:func:`uses_small_stem` turn a configuration's ``stem`` choice into ``small_input``. Weights are randomly
+initialised as torchvision does; nothing is downloaded. The feature extractor's parameter names match
+torchvision's (without ``fc``), so a torchvision state dict loads into it with ``strict=False``.
 """
 
 from __future__ import annotations
