@@ -113,3 +113,22 @@ def test_outlier_class_loss_and_score() -> None:
         OutlierClassLoss(1)
     with pytest.raises(ValueError, match="at least 2 columns"):
         outlier_class_score(logits_ood[:, :1])
+
+
+def test_paper_protocol_with_a_given_subsample_size() -> None:
+    import numpy as np
+
+    from dreamood.evaluation import OODEvaluator, ood_metrics
+
+    id_scores = torch.randn(200, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 1
+    ood = torch.randn(1000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    evaluator = OODEvaluator(energy_score, protocol="paper", repeats=1, seed=3, progress=False, sample_size=96)
+    report = evaluator.evaluate_scores(id_scores, {"ood": ood})
+    assert report["ood"].n_ood == 96
+    subset = ood[torch.randperm(1000, generator=torch.Generator().manual_seed(3))[:96]]
+    expected = ood_metrics(id_scores, subset)
+    assert np.isclose(report["ood"].metrics["auroc"], expected.auroc, rtol=0, atol=1e-15)
+    default = OODEvaluator(energy_score, protocol="paper", repeats=1, seed=3, progress=False)
+    assert default.evaluate_scores(id_scores, {"ood": ood})["ood"].n_ood == 40
+    with pytest.raises(ValueError, match="sample_size"):
+        OODEvaluator(energy_score, sample_size=0)
