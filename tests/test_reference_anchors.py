@@ -7,6 +7,7 @@ the two files must be exactly the classes whose injection words share a first to
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,7 @@ def test_published_anchor_rows_follow_the_injection_words(clip_tokenizer: Any) -
     assert by_name["cifar100"] != firsts["cifar100"]
 
 
+@functools.lru_cache(maxsize=1)
 def _table_with_published_rows(clip_tokenizer: Any, dim: int = 768) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A 49,408-row table holding the published anchors at their injection words' first-token rows."""
     generator = torch.Generator().manual_seed(0)
