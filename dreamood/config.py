@@ -47,7 +47,21 @@ __all__ = [
 ]
 
 #: Names of the configurations shipped with the package (``dreamood/configs/<name>.toml``).
-PACKAGED_CONFIGS: tuple[str, ...] = ("cifar100", "imagenet100", "imagenet100-dream-id")
+PACKAGED_CONFIGS: tuple[str, ...] = (
+    "cifar100",
+    "imagenet100",
+    "imagenet100-dream-id",
+    "cifar100-reference",
+    "imagenet100-reference",
+    "imagenet100-dream-id-reference",
+)
+
+#: ResNet stem choices of ``encoder.stem`` and ``training.stem`` (``dreamood.models.resnet.STEMS``).
+STEM_CHOICES: tuple[str, ...] = ("auto", "3x3", "7x7")
+#: Outlier losses of ``training.loss``.
+LOSSES: tuple[str, ...] = ("energy", "oe", "outlier-class")
+#: FPR95 threshold rules of ``evaluation.fpr_rule``.
+FPR_RULES: tuple[str, ...] = ("exact", "nearest")
 
 BENCHMARKS: tuple[str, ...] = ("cifar100", "imagenet100", "folder")
 METHODS: tuple[str, ...] = ("dream-ood", "dream-id")
@@ -158,16 +172,24 @@ class AnchorsConfig:
     Attributes:
         model: Stable Diffusion folder or Hugging Face model id (the anchors come from its tokenizer and text
             encoder, so they match the generator).
-        subword: How a class name split into several tokens becomes one vector: ``"mean"`` or ``"first"``.
+        subword: How a class name split into several tokens becomes one vector: ``"mean-norm"`` (the mean of
+            its rows rescaled to their mean norm), ``"mean"`` (the plain mean, whose norm shrinks) or ``"first"``
+            (the first token's row, as the authors' code does).
         local_files_only: Never download the model.
+        words: Per-class words tokenised instead of the class names (one per class, label order), e.g. the
+            authors' injection words (``dreamood.data.reference_words(benchmark).injection_words``); ``None``
+            tokenises the class names.
     """
 
     model: str = "CompVis/stable-diffusion-v1-4"
-    subword: str = "mean"
+    subword: str = "mean-norm"
     local_files_only: bool = True
+    words: list[str] | None = None
 
     def __post_init__(self) -> None:
-        _one_of(self.subword, ("mean", "first"), "subword")
+        _one_of(self.subword, ("mean-norm", "mean", "first"), "subword")
+        if self.words is not None and (not self.words or any(not word.strip() for word in self.words)):
+            raise ConfigError("words must be null or a non-empty list of non-empty words, one per class")
 
 
 @dataclass(frozen=True)
@@ -183,6 +205,8 @@ class EncoderConfig:
         weight_decay: L2 weight decay.
         temperature: The temperature ``t`` of the cosine logits.
         amp: ``"bf16"`` or ``"fp16"`` autocast, or none.
+        stem: ResNet stem: ``"auto"`` (3x3 stride-1 without max-pool up to 64 px, else 7x7), ``"3x3"`` at any
+            resolution (the authors' networks, also at 224 px) or ``"7x7"``; see ``dreamood.models.resnet.STEMS``.
     """
 
     backbone: str = "resnet34"
@@ -193,6 +217,7 @@ class EncoderConfig:
     weight_decay: float = 5e-4
     temperature: float = 0.1
     amp: str | None = None
+    stem: str = "auto"
 
     def __post_init__(self) -> None:
         _one_of(self.backbone, BACKBONES, "backbone")
@@ -204,6 +229,7 @@ class EncoderConfig:
         _positive(self.temperature, "temperature")
         if self.amp is not None:
             _one_of(self.amp, ("bf16", "fp16"), "amp")
+        _one_of(self.stem, STEM_CHOICES, "stem")
 
 
 @dataclass(frozen=True)
@@ -213,10 +239,16 @@ class BankConfig:
     Attributes:
         per_class: Embeddings kept per class (500 on CIFAR-100, 1000 on ImageNet-100).
         batch_size: Images per forward pass.
+        augment: Embed the training images through the training augmentation (random crop and flip), as the
+            authors' code does; ``False`` (dreamood's default) embeds the plain test-time view.
+        shuffle: Visit the training images in a seeded random order (which images fill ``per_class`` when a
+            class has more), as the authors' code does; ``False`` takes them in dataset order.
     """
 
     per_class: int = 500
     batch_size: int = 256
+    augment: bool = False
+    shuffle: bool = False
 
     def __post_init__(self) -> None:
         _positive(self.per_class, "per_class")
@@ -286,6 +318,20 @@ class GenerationConfig:
         compile_mode: ``torch.compile`` mode: ``"default"``, ``"reduce-overhead"`` (CUDA graphs),
             ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``.
         writer_threads: Threads that encode and write the PNG files while the next batch renders (0: inline).
+        prompt_words: Per class (label order), the word written into the prompt instead of the class name
+            (e.g. the authors' prompt words); none writes the class names.
+        class_prompts: Per-class templates that replace ``prompt`` for the classes named (keys are class names,
+            values hold one ``{}``), e.g. the authors' ImageNet-100 suffixes ``"A high-quality image of the {}
+            bird"``.
+        injection: ``"span"`` (the prompt word's token span collapses into one slot, dreamood's default) or
+            ``"token"`` (every occurrence of the injection token takes the vector, the authors' vocabulary-row
+            overwrite; refuses a class whose token is not in its prompt).
+        injection_words: ``"token"`` only: per class, the word whose first token is replaced (e.g. the authors'
+            injection words); none takes the prompt word's first token.
+        conditioning_noise: Standard deviation of seeded Gaussian noise added to the prompt conditioning (the
+            authors' ``--gaussian_scale``, 0 in their runs).
+        fixed_latent_seed: When set, every image starts from one latent drawn with this seed (the authors'
+            ``--fixed_code``, off in their runs).
     """
 
     model: str = "CompVis/stable-diffusion-v1-4"
@@ -306,9 +352,34 @@ class GenerationConfig:
     compile_vae: bool = False
     compile_mode: str = "default"
     writer_threads: int = 4
+    prompt_words: list[str] | None = None
+    class_prompts: dict[str, str] = field(default_factory=dict)
+    injection: str = "span"
+    injection_words: list[str] | None = None
+    conditioning_noise: float = 0.0
+    fixed_latent_seed: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.prompt.count("{}") == 1, f"prompt must hold exactly one '{{}}', got {self.prompt!r}")
+        for name, template in self.class_prompts.items():
+            _require(
+                template.count("{}") == 1,
+                f"class_prompts.{name} must hold exactly one '{{}}', got {template!r}",
+            )
+        for key in ("prompt_words", "injection_words"):
+            words = getattr(self, key)
+            _require(
+                words is None or (bool(words) and all(word.strip() for word in words)),
+                f"{key} must be null or a non-empty list of non-empty words, one per class",
+            )
+        _one_of(self.injection, ("span", "token"), "injection")
+        _require(
+            self.injection_words is None or self.injection == "token",
+            "injection_words are used by injection = 'token' only",
+        )
+        _positive(self.conditioning_noise, "conditioning_noise", allow_zero=True)
+        if self.fixed_latent_seed is not None:
+            _positive(self.fixed_latent_seed, "fixed_latent_seed", allow_zero=True)
         for name in ("steps", "height", "width", "images_per_class", "batch_size"):
             _positive(getattr(self, name), name)
         for name in ("height", "width"):
@@ -446,6 +517,13 @@ class TrainConfig(TrainingConfig):
         pretrain_epochs: When no ``init_checkpoint`` is given and this is positive, first train the classifier
             with cross-entropy alone for this many epochs (at ``pretrain_lr``) and start from it.
         pretrain_lr: Learning rate of that cross-entropy pre-training.
+        stem: ResNet stem, as :attr:`EncoderConfig.stem`.
+        temperature_form: How ``energy_temperature`` enters the regulariser's score: ``"free-energy"``
+            (``T * logsumexp(f / T)``, dreamood's) or ``"scaled-logsumexp"`` (``logsumexp(f) / T``, the authors'
+            ImageNet-100 code); equal at ``T = 1``.
+        loss: The outlier loss: ``"energy"`` (paper Eq. 7), ``"oe"`` (outlier exposure, the authors'
+            ``--score OE``) or ``"outlier-class"`` (K+1 classes, outliers labelled ``K``: the authors'
+            ``--add_class``; scored with ``outlier_class_score``).
     """
 
     epochs: int = 200
@@ -459,8 +537,14 @@ class TrainConfig(TrainingConfig):
     init_checkpoint: str | None = None
     pretrain_epochs: int = 0
     pretrain_lr: float = 0.1
+    stem: str = "auto"
+    temperature_form: str = "free-energy"
+    loss: str = "energy"
 
     def __post_init__(self) -> None:
+        _one_of(self.stem, STEM_CHOICES, "stem")
+        _one_of(self.temperature_form, ("free-energy", "scaled-logsumexp"), "temperature_form")
+        _one_of(self.loss, LOSSES, "loss")
         _one_of(self.backbone, BACKBONES, "backbone")
         for name in ("batch_size", "outlier_batch_size", "hidden_dim"):
             _positive(getattr(self, name), name)
@@ -482,16 +566,25 @@ class EvaluationConfig:
             ``repeats``) or ``"full"`` (every OOD image).
         repeats: Subsamples per OOD set for the ``"paper"`` protocol.
         batch_size: Images per forward pass.
+        fpr_rule: How the FPR95 threshold is found: ``"exact"`` (dreamood's) or ``"nearest"`` (the threshold at
+            the recall nearest 0.95, the authors' code).
+        ood_subsample: Size of each OOD subsample of the ``"paper"`` protocol; none takes a fifth of the ID test
+            set (the authors' ImageNet-100 code cuts it to whole batches of 160: 960).
     """
 
     protocol: str = "paper"
     repeats: int = 5
     batch_size: int = 256
+    fpr_rule: str = "exact"
+    ood_subsample: int | None = None
 
     def __post_init__(self) -> None:
         _one_of(self.protocol, ("paper", "full"), "protocol")
         _positive(self.repeats, "repeats")
         _positive(self.batch_size, "batch_size")
+        _one_of(self.fpr_rule, FPR_RULES, "fpr_rule")
+        if self.ood_subsample is not None:
+            _positive(self.ood_subsample, "ood_subsample")
 
 
 @dataclass(frozen=True)
@@ -541,6 +634,18 @@ class PipelineConfig:
             f"generation.images_per_class ({self.generation.images_per_class}) must not exceed "
             f"sampler.num_per_class ({self.sampler.num_per_class}): each image renders one sampled embedding",
         )
+        count = len(self.data.class_names) if self.data.class_names is not None else None
+        if count is None and self.benchmark in ("cifar100", "imagenet100"):
+            count = 100
+        for key, words in (
+            ("anchors.words", self.anchors.words),
+            ("generation.prompt_words", self.generation.prompt_words),
+            ("generation.injection_words", self.generation.injection_words),
+        ):
+            _require(
+                words is None or count is None or len(words) == count,
+                f"{key} has {0 if words is None else len(words)} words but the benchmark has {count} classes",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Return the configuration as nested plain dicts (``None`` values included).

@@ -151,8 +151,10 @@ class FeatureBank:
     ) -> FeatureBank:
         """Embed a dataset with ``encoder`` and keep the L2-normalised embeddings with their labels.
 
-        The encoder runs in eval mode (its previous mode is restored afterwards). Pass a loader whose
-        dataset has no random augmentation to get the paper's bank.
+        The encoder runs in eval mode (its previous mode is restored afterwards). dreamood's pipelines pass
+        the un-augmented training images in dataset order; the authors' code embeds augmented (random crop and
+        flip), shuffled training images instead (the ``bank.augment`` and ``bank.shuffle`` options). The paper
+        does not say which.
 
         Args:
             encoder: Any object with ``embed(images) -> (N, m)``, e.g. a ``TextConditionedEncoder``.

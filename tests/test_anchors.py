@@ -166,7 +166,7 @@ def test_from_pretrained_clip_text_model_layout(tmp_path: Path, tokenizer: Any, 
     text_encoder.save_pretrained(root)
     loaded = TokenEmbeddings.from_pretrained(str(root), ["dog", "apple pie"])
     direct = TokenEmbeddings.from_text_encoder(tokenizer, text_encoder, ["dog", "apple pie"])
-    assert loaded.policy == "mean"
+    assert loaded.policy == "mean-norm"
     assert torch.equal(loaded.vectors, direct.vectors)
 
 
@@ -299,3 +299,38 @@ def test_importing_the_class_lists_stays_light() -> None:
     code = "import sys, dreamood.data; print(sorted(m for m in ('torchvision', 'transformers') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_mean_norm_policy_keeps_the_rows_mean_norm(tokenizer: Any, text_encoder: Any, vocab: dict[str, int]) -> None:
+    names = ["xyz", "cat dog", "cat"]
+    table = table_of(text_encoder).double()
+    anchors = TokenEmbeddings.from_text_encoder(tokenizer, text_encoder, names, subword="mean-norm")
+    default = TokenEmbeddings.from_text_encoder(tokenizer, text_encoder, names)
+    assert anchors.policy == default.policy == "mean-norm"
+    assert torch.equal(anchors.vectors, default.vectors)
+    for row, ids in enumerate(anchors.token_ids):
+        rows = table[ids]
+        mean = rows.mean(dim=0)
+        expected = mean / mean.norm() * rows.norm(dim=1).mean()
+        assert torch.allclose(anchors.vectors[row].double(), expected, atol=1e-6, rtol=0)
+    # Single-token names keep their row bit for bit.
+    assert torch.equal(anchors.vectors[2].double(), table[vocab["cat</w>"]])
+
+
+def test_anchors_from_per_class_words(tokenizer: Any, text_encoder: Any, vocab: dict[str, int], tmp_path: Path) -> None:
+    table = table_of(text_encoder)
+    anchors = TokenEmbeddings.from_text_encoder(
+        tokenizer, text_encoder, ["kitten", "puppy"], "first", words=["cat dog", "dog"]
+    )
+    assert anchors.class_names == ["kitten", "puppy"] and anchors.words == ["cat dog", "dog"]
+    assert anchors.token_ids == [[vocab["cat</w>"], vocab["dog</w>"]], [vocab["dog</w>"]]]
+    assert torch.equal(anchors.vectors[0], table[vocab["cat</w>"]])
+    assert torch.equal(anchors.vectors[1], table[vocab["dog</w>"]])
+    loaded = TokenEmbeddings.load(anchors.save(tmp_path / "anchors.safetensors"))
+    assert loaded.words == ["cat dog", "dog"] and loaded.policy == "first"
+    with pytest.raises(ValueError, match="words has 1 entries but there are 2 class names"):
+        TokenEmbeddings.from_text_encoder(tokenizer, text_encoder, ["kitten", "puppy"], words=["cat"])
+    with pytest.raises(ValueError, match=r"words\[1\] is empty"):
+        TokenEmbeddings.from_text_encoder(tokenizer, text_encoder, ["kitten", "puppy"], words=["cat", " "])
+    with pytest.raises(TypeError, match="words must be a sequence"):
+        TokenEmbeddings.from_text_encoder(tokenizer, text_encoder, ["kitten"], words="cat")

@@ -78,6 +78,9 @@ PAPER = {
         "training": {"pretrain_epochs": 0},
     },
 }
+# The reference configurations keep every paper setting of the configuration they derive from.
+for _base in ("cifar100", "imagenet100", "imagenet100-dream-id"):
+    PAPER[f"{_base}-reference"] = PAPER[_base]
 
 
 @pytest.mark.parametrize("name", PACKAGED_CONFIGS)
@@ -87,8 +90,8 @@ def test_packaged_configs_hold_the_paper_settings(name: str) -> None:
     for section, values in PAPER[name].items():
         for key, expected in values.items():
             assert getattr(getattr(config, section), key) == expected, f"{name}: {section}.{key}"
-    assert config.benchmark == ("cifar100" if name == "cifar100" else "imagenet100")
-    assert config.method == ("dream-id" if name.endswith("dream-id") else "dream-ood")
+    assert config.benchmark == ("cifar100" if name.startswith("cifar100") else "imagenet100")
+    assert config.method == ("dream-id" if "dream-id" in name else "dream-ood")
 
 
 def test_dataclass_defaults_are_the_cifar100_paper_settings() -> None:

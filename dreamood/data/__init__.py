@@ -1,6 +1,7 @@
 """Datasets, transforms and class-name lists.
 
-- Class names: CIFAR-100 (label order, prompt-friendly), the paper's ImageNet-100 and ImageNet-1k.
+- Class names: CIFAR-100 (label order, prompt-friendly), the paper's ImageNet-100 and ImageNet-1k, and the
+  authors' per-class injection words, prompt words and prompt templates (:func:`reference_words`).
 - ID datasets: CIFAR-100 (torchvision), ImageNet-100 read in place from an ImageNet-1k folder tree;
   :func:`with_transform` gives another view of a loaded set without loading it again.
 - OOD test sets with the paper's preprocessing, and the DREAM-ID generalisation sets (ImageNet-A, -V2).
@@ -20,6 +21,9 @@ _EXPORTS: dict[str, str] = {
     "IMAGENET1K_WNIDS": "dreamood.data.classes",
     "IMAGENET100_CLASSES": "dreamood.data.classes",
     "IMAGENET100_WNIDS": "dreamood.data.classes",
+    "REFERENCE_DATASETS": "dreamood.data.classes",
+    "ReferenceWords": "dreamood.data.classes",
+    "reference_words": "dreamood.data.classes",
     "cifar100": "dreamood.data.datasets",
     "ImageNet100": "dreamood.data.datasets",
     "ImageNetA": "dreamood.data.datasets",
@@ -52,6 +56,9 @@ if TYPE_CHECKING:
         IMAGENET1K_WNIDS,
         IMAGENET100_CLASSES,
         IMAGENET100_WNIDS,
+        REFERENCE_DATASETS,
+        ReferenceWords,
+        reference_words,
     )
     from dreamood.data.datasets import (
         ImageListDataset,

@@ -1,8 +1,10 @@
 """Decode sampled token embeddings into images with Stable Diffusion (DREAM-OOD step 4).
 
 Reference: Du, Sun, Zhu, Li, "Dream the Impossible: Outlier Imagination with Diffusion Models", NeurIPS 2023
-(Eq. 6): the sampled embedding replaces the class token's input embedding in the prompt
-``"A high-quality photo of a <class>"`` and Stable Diffusion renders the result.
+(Eq. 6): the sampled embedding replaces the class token's input embedding in the prompt and Stable Diffusion
+renders the result. dreamood's default prompt ``"A high-quality photo of a <class>"`` is the paper's text; the
+authors' code renders ``"A high-quality image of the <word>"`` with their own per-class words and suffixes
+(``dreamood.data.reference_words``), which per-class templates and prompt words reproduce.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ from dreamood._validation import (
 )
 from dreamood.config import COMPILE_MODES
 from dreamood.decoding.injection import (
+    INJECTION_MODES,
     PromptTokens,
     build_injection_prompts,
+    build_token_prompts,
     encode_prompt_tokens,
     tokenize_prompts,
 )
@@ -110,8 +114,10 @@ class StableDiffusionDecoder:
 
     Args:
         pipeline: A diffusers ``StableDiffusionPipeline`` (or one with the same components and call signature).
-        class_names: Class names, indexed by label; each must appear as its own tokens in the prompt.
-        prompt_template: Prompt with exactly one ``{}`` for the class name.
+        class_names: Class names, indexed by label; each must appear as its own tokens in the prompt (unless
+            ``prompt_words`` are given).
+        prompt_template: Prompt with exactly one ``{}`` for the class name (the paper's text by default), or one
+            such template per class (e.g. ``reference_words("imagenet100").prompt_templates``).
         num_inference_steps: Denoising steps.
         guidance_scale: Classifier-free guidance weight; ``<= 1`` disables guidance.
         negative_prompt: Text of the unconditional branch (the empty prompt by default, as in the paper).
@@ -124,6 +130,20 @@ class StableDiffusionDecoder:
         device: Move the pipeline to this device first; ``None`` leaves it where it is.
         progress: Show progress bars: one over batches, and the pipeline's own denoising bar (set through
             ``pipeline.set_progress_bar_config``).
+        prompt_words: Per class, the word written into the template instead of the class name (e.g. the
+            authors' prompt words); ``None`` uses the class names.
+        injection: ``"span"`` (default): the prompt word's token span collapses into one slot that takes the
+            vector; ``"token"``: every occurrence of the class's injection token takes the vector and the other
+            sub-tokens stay, bit for bit what overwriting that row of the embedding table gives (the authors'
+            code). See :mod:`dreamood.decoding.injection`.
+        injection_words: ``"token"`` mode only: per class, the word whose *first* token is replaced (e.g.
+            ``reference_words("cifar100").injection_words``); ``None`` takes the prompt word's first token.
+        conditioning_noise: Standard deviation of Gaussian noise added to the conditional prompt embeddings
+            (the authors' ``--gaussian_scale``; 0 adds none). The noise of an image is drawn from its own
+            generator right after its starting latent, so it is seeded by the image's seed.
+        fixed_latent_seed: When set, every image starts from the same latent, drawn from a generator seeded with
+            this value (the authors' ``--fixed_code``, which reuses one batch of starting latents); the
+            per-image seeds still drive the conditioning noise and any stochastic scheduler step.
 
     Attributes:
         pipeline: The diffusers pipeline.
@@ -131,14 +151,15 @@ class StableDiffusionDecoder:
 
     Raises:
         ValueError: A setting is out of range, the template does not hold exactly one ``{}``, a class name
-            does not appear as its own tokens in its prompt, or a prompt exceeds the text encoder's window.
+            does not appear as its own tokens in its prompt, a class's injection token does not occur in its
+            prompt (``"token"`` mode), or a prompt exceeds the text encoder's window.
     """
 
     def __init__(
         self,
         pipeline: Any,
         class_names: Sequence[str],
-        prompt_template: str = "A high-quality photo of a {}",
+        prompt_template: str | Sequence[str] = "A high-quality photo of a {}",
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
         negative_prompt: str = "",
@@ -150,6 +171,11 @@ class StableDiffusionDecoder:
         resize_mode: str = "bilinear",
         device: DeviceLike = None,
         progress: bool = True,
+        prompt_words: Sequence[str] | None = None,
+        injection: str = "span",
+        injection_words: Sequence[str] | None = None,
+        conditioning_noise: float = 0.0,
+        fixed_latent_seed: int | None = None,
     ) -> None:
         for part in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
             if getattr(pipeline, part, None) is None:
@@ -165,6 +191,12 @@ class StableDiffusionDecoder:
         if batch_size is not None:
             check_positive_int(batch_size, "batch_size")
         check_choice(resize_mode, ("bilinear", "bicubic"), "resize_mode")
+        check_choice(injection, INJECTION_MODES, "injection")
+        check_positive(float(conditioning_noise), "conditioning_noise", allow_zero=True)
+        if fixed_latent_seed is not None:
+            self._check_seeds([fixed_latent_seed], 1)
+        if injection_words is not None and injection != "token":
+            raise ValueError("injection_words are used by the 'token' injection mode only; pass injection='token'")
 
         window = int(pipeline.tokenizer.model_max_length)
         positions = int(getattr(pipeline.text_encoder.config, "max_position_embeddings", window))
@@ -173,7 +205,9 @@ class StableDiffusionDecoder:
 
         self.pipeline: Any = pipeline
         self._class_names = check_class_names(class_names)
-        self.prompt_template = prompt_template
+        self.prompt_template: str | list[str] = (
+            prompt_template if isinstance(prompt_template, str) else list(prompt_template)
+        )
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = float(guidance_scale)
         self.negative_prompt = negative_prompt
@@ -183,9 +217,25 @@ class StableDiffusionDecoder:
         self.batch_size = batch_size
         self.resize_mode = resize_mode
         self.progress = progress
-        self.prompt_tokens: PromptTokens = build_injection_prompts(
-            pipeline.tokenizer, prompt_template, self._class_names
-        )
+        self.injection = injection
+        self.conditioning_noise = float(conditioning_noise)
+        self.fixed_latent_seed = fixed_latent_seed
+        self.prompt_words = self._per_class(prompt_words, "prompt_words")
+        self.injection_words = self._per_class(injection_words, "injection_words")
+        words = self.prompt_words or self._class_names
+        if injection == "token":
+            token_words = self.injection_words or words
+            token_ids = []
+            for label, word in enumerate(token_words):
+                ids = pipeline.tokenizer(word, add_special_tokens=False).input_ids
+                if not ids:
+                    raise ValueError(f"the injection word of class {label} ({word!r}) tokenises to no tokens")
+                token_ids.append(int(ids[0]))
+            self.prompt_tokens: PromptTokens = build_token_prompts(
+                pipeline.tokenizer, prompt_template, words, token_ids, class_names=self._class_names
+            )
+        else:
+            self.prompt_tokens = build_injection_prompts(pipeline.tokenizer, prompt_template, words)
         # Fail now, not at the first decode, when the unconditional prompt does not fit.
         tokenize_prompts(pipeline.tokenizer, [negative_prompt], what="negative_prompt")
         pipeline.set_progress_bar_config(disable=not progress)
@@ -344,6 +394,16 @@ class StableDiffusionDecoder:
             pipeline.vae.decoder.compile(**options)
         return self
 
+    def _per_class(self, words: Sequence[str] | None, name: str) -> list[str] | None:
+        if words is None:
+            return None
+        if isinstance(words, str):
+            raise TypeError(f"{name} must be a sequence of strings (one per class), not the string {words!r}")
+        values = [str(word) for word in words]
+        if len(values) != len(self._class_names):
+            raise ValueError(f"{name} has {len(values)} entries but there are {len(self._class_names)} classes")
+        return values
+
     @property
     def class_names(self) -> list[str]:
         """Names of the classes, indexed by label."""
@@ -363,7 +423,7 @@ class StableDiffusionDecoder:
         images.
         """
         scheduler = self.pipeline.scheduler
-        return {
+        settings: dict[str, Any] = {
             "decoder": type(self).__name__,
             "scheduler": type(scheduler).__name__,
             "scheduler_config": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
@@ -377,6 +437,17 @@ class StableDiffusionDecoder:
             "output_size": None if self.output_size is None else list(self.output_size),
             "resize_mode": self.resize_mode,
         }
+        # Keys of the options below appear only when they are used, so that earlier folders keep their identity.
+        if self.prompt_words is not None:
+            settings["prompt_words"] = self.prompt_words
+        if self.injection != "span":
+            settings["injection"] = self.injection
+            settings["injection_words"] = self.injection_words
+        if self.conditioning_noise:
+            settings["conditioning_noise"] = self.conditioning_noise
+        if self.fixed_latent_seed is not None:
+            settings["fixed_latent_seed"] = self.fixed_latent_seed
+        return settings
 
     @property
     def prompts(self) -> list[str]:
@@ -448,6 +519,7 @@ class StableDiffusionDecoder:
             tokens.attention_mask[labels],
             vectors,
             tokens.slots[labels],
+            None if tokens.slot_mask is None else tokens.slot_mask[labels],
         )
 
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
@@ -548,6 +620,14 @@ class StableDiffusionDecoder:
         shape = (count, int(pipeline.unet.config.in_channels), self.height // scale, self.width // scale)
         # Same draw as the pipeline's own prepare_latents with these generators.
         latents = randn_tensor(shape, generator=generators, device=pipeline.device, dtype=prompt_embeds.dtype)
+        if self.fixed_latent_seed is not None:
+            fixed = torch.Generator(device="cpu").manual_seed(self.fixed_latent_seed)
+            one = randn_tensor((1, *shape[1:]), generator=fixed, device=pipeline.device, dtype=prompt_embeds.dtype)
+            latents = one.expand(shape).clone()
+        if self.conditioning_noise:
+            # Drawn after the latent from each image's own generator: seeded, and independent of the batch.
+            noise = torch.stack([torch.randn(prompt_embeds.shape[1:], generator=g) for g in generators])
+            prompt_embeds = prompt_embeds + self.conditioning_noise * noise.to(prompt_embeds)
         negative = self._negative_embeds(count) if self.guidance_scale > 1 else None
         images: Tensor = pipeline(
             prompt_embeds=prompt_embeds,

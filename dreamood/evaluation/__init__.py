@@ -3,11 +3,18 @@
 from dreamood.evaluation.evaluator import PROTOCOLS, OODEvaluator, SupportsScore
 from dreamood.evaluation.metrics import METRIC_NAMES, OODMetricAccumulator, OODMetrics, ood_metrics
 from dreamood.evaluation.report import OODReport, OODReportRow, metric_headers
-from dreamood.evaluation.scores import energy_score, max_logit_score, msp_score
+from dreamood.evaluation.scores import (
+    TEMPERATURE_FORMS,
+    energy_score,
+    max_logit_score,
+    msp_score,
+    outlier_class_score,
+)
 
 __all__ = [
     "METRIC_NAMES",
     "PROTOCOLS",
+    "TEMPERATURE_FORMS",
     "OODEvaluator",
     "OODMetricAccumulator",
     "OODMetrics",
@@ -19,4 +26,5 @@ __all__ = [
     "metric_headers",
     "msp_score",
     "ood_metrics",
+    "outlier_class_score",
 ]

@@ -10,9 +10,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dreamood._validation import check_floating, check_positive, check_rank
+from dreamood._validation import check_choice, check_floating, check_positive, check_rank
 
-__all__ = ["energy_score", "max_logit_score", "msp_score"]
+__all__ = ["TEMPERATURE_FORMS", "energy_score", "max_logit_score", "msp_score", "outlier_class_score"]
+
+#: How the temperature enters :func:`energy_score`: ``"free-energy"`` is ``T * logsumexp(f / T)``,
+#: ``"scaled-logsumexp"`` is ``logsumexp(f) / T`` (the authors' ImageNet-100 code). Equal at ``T = 1``.
+TEMPERATURE_FORMS: tuple[str, ...] = ("free-energy", "scaled-logsumexp")
 
 
 def _check_logits(logits: Tensor) -> None:
@@ -24,25 +28,31 @@ def _check_logits(logits: Tensor) -> None:
         raise ValueError(f"logits must have at least one class column, got shape {tuple(logits.shape)}")
 
 
-def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Negative free energy ``T * logsumexp(logits / T)``.
+def energy_score(logits: Tensor, temperature: float = 1.0, form: str = "free-energy") -> Tensor:
+    """Negative free energy ``T * logsumexp(logits / T)`` (or ``logsumexp(logits) / T``).
 
     Liu, Wang, Owens, Li. "Energy-based Out-of-distribution Detection", NeurIPS 2020. DREAM-OOD uses this
-    score at test time (with ``T = 1``).
+    score at test time (with ``T = 1``, where both forms agree).
 
     Args:
         logits: Classifier logits of shape ``(N, C)``, floating point.
         temperature: Temperature ``T > 0``.
+        form: ``"free-energy"`` (``T * logsumexp(f / T)``) or ``"scaled-logsumexp"`` (``logsumexp(f) / T``);
+            see :data:`TEMPERATURE_FORMS`.
 
     Returns:
         Scores of shape ``(N,)`` in the dtype of ``logits``.
 
     Raises:
         TypeError: ``logits`` is not a floating-point tensor.
-        ValueError: ``logits`` is not ``(N, C)`` with ``C >= 1``, or ``temperature`` is not a finite number > 0.
+        ValueError: ``logits`` is not ``(N, C)`` with ``C >= 1``, ``temperature`` is not a finite number > 0,
+            or ``form`` is unknown.
     """
     _check_logits(logits)
     check_positive(temperature, "temperature")
+    check_choice(form, TEMPERATURE_FORMS, "form")
+    if form == "scaled-logsumexp":
+        return torch.logsumexp(logits, dim=1) / temperature
     return temperature * torch.logsumexp(logits / temperature, dim=1)
 
 
@@ -86,3 +96,25 @@ def max_logit_score(logits: Tensor) -> Tensor:
     """
     _check_logits(logits)
     return logits.amax(dim=1)
+
+
+def outlier_class_score(logits: Tensor) -> Tensor:
+    """Score of a K+1-class classifier whose last output is the outlier class: ``logsumexp(f_0..f_K-1) - f_K``.
+
+    The log-odds of "one of the ID classes" against "the outlier class", ``log((1 - p_K) / p_K)``, a monotone
+    function of ``1 - p_K`` (see :class:`~dreamood.training.OutlierClassLoss`).
+
+    Args:
+        logits: Logits ``(N, K + 1)``, floating point, ``K >= 1``.
+
+    Returns:
+        Scores of shape ``(N,)``, higher = more in-distribution.
+
+    Raises:
+        TypeError: ``logits`` is not a floating-point tensor.
+        ValueError: ``logits`` is not ``(N, C)`` with ``C >= 2``.
+    """
+    _check_logits(logits)
+    if logits.shape[1] < 2:
+        raise ValueError(f"logits need at least 2 columns (ID classes and the outlier class), got {logits.shape[1]}")
+    return torch.logsumexp(logits[:, :-1], dim=1) - logits[:, -1]

@@ -2,9 +2,11 @@
 
 ``small_input=True`` swaps the 7x7 stride-2 stem and its max-pool for one 3x3 stride-1 convolution, the usual
 CIFAR variant (and the one DREAM-OOD trains on CIFAR-100); ``small_input=False`` keeps the standard ImageNet
-stem for 224x224 images. Weights are randomly initialised as torchvision does; nothing is downloaded. The
-feature extractor's parameter names match torchvision's (without ``fc``), so a torchvision state dict loads
-into it with ``strict=False``.
+stem for 224x224 images. Either stem works at any resolution: the authors' ImageNet-100 ResNet-34 keeps the 3x3
+stem without max-pool at 224 px, so their checkpoints need ``small_input=True`` there. :data:`STEMS` and
+:func:`uses_small_stem` turn a configuration's ``stem`` choice into ``small_input``. Weights are randomly
+initialised as torchvision does; nothing is downloaded. The feature extractor's parameter names match
+torchvision's (without ``fc``), so a torchvision state dict loads into it with ``strict=False``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,36 @@ from dreamood._validation import check_positive_int
 from dreamood.models._seed import seeded
 from dreamood.models.classifier import Classifier
 
-__all__ = ["ResNetFeatures", "resnet18", "resnet34", "resnet50"]
+__all__ = ["STEMS", "ResNetFeatures", "resnet18", "resnet34", "resnet50", "uses_small_stem"]
+
+#: Stem choices: ``"auto"`` (3x3 for images up to 64 px, else 7x7, dreamood's default), ``"3x3"`` (3x3 stride-1
+#: convolution without max-pool, at any resolution; the authors' CIFAR-100 and ImageNet-100 networks) and
+#: ``"7x7"`` (the standard ImageNet stem with max-pool).
+STEMS: tuple[str, ...] = ("auto", "3x3", "7x7")
+
+#: Largest image side for which ``stem="auto"`` picks the 3x3 stem.
+AUTO_SMALL_STEM_MAX_SIZE = 64
+
+
+def uses_small_stem(stem: str, image_size: int) -> bool:
+    """Whether ``stem`` means the 3x3 stride-1 stem without max-pool for images of side ``image_size``.
+
+    Args:
+        stem: One of :data:`STEMS`.
+        image_size: The training images' side in pixels (used by ``"auto"`` only).
+
+    Returns:
+        The ``small_input`` argument of the ResNet factories.
+
+    Raises:
+        ValueError: ``stem`` is not one of :data:`STEMS`.
+    """
+    if stem not in STEMS:
+        raise ValueError(f"stem must be one of {', '.join(map(repr, STEMS))}, got {stem!r}")
+    if stem == "auto":
+        return image_size <= AUTO_SMALL_STEM_MAX_SIZE
+    return stem == "3x3"
+
 
 # depth -> (bottleneck blocks?, blocks per stage)
 _ARCHITECTURES: dict[int, tuple[bool, tuple[int, int, int, int]]] = {

@@ -10,11 +10,13 @@ CutMix's; :func:`soft_cross_entropy`). The matching test-time score is the negat
 from dreamood.training.config import EpochMetrics, TrainingConfig, TrainingResult
 from dreamood.training.loop import train_classifier
 from dreamood.training.losses import soft_cross_entropy
-from dreamood.training.regularizer import EnergyOODRegularizer
+from dreamood.training.regularizer import EnergyOODRegularizer, OutlierClassLoss, OutlierExposureLoss
 
 __all__ = [
     "EnergyOODRegularizer",
     "EpochMetrics",
+    "OutlierClassLoss",
+    "OutlierExposureLoss",
     "TrainingConfig",
     "TrainingResult",
     "soft_cross_entropy",
