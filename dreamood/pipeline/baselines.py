@@ -525,7 +525,8 @@ class BaselineRunner:
         from dreamood.baselines import GodinClassifier
 
         with self.pipe.seeded_init():
-            backbone = self.pipe.backbone_factory(self.pipe.config.training.backbone)
+            cfg = self.pipe.config.training
+            backbone = self.pipe.backbone_factory(cfg.backbone, cfg.stem)
             return GodinClassifier(backbone, len(self.pipe.class_names), similarity=self.settings.godin_similarity)
 
     def _new_gan(self) -> ConfidenceGAN:

@@ -22,7 +22,7 @@ from dreamood.config import PipelineConfig
 from dreamood.errors import ArtifactError, StaleArtifactError
 from dreamood.io import atomic_write, remove_temporaries
 from dreamood.pipeline.baselines import BASELINES, BaselineConfig, BaselineRunner
-from dreamood.pipeline.data import PipelineData, build_backbone, build_data, class_names_of, small_input_of
+from dreamood.pipeline.data import PipelineData, build_backbone, build_data, class_names_of, image_size_of
 from dreamood.pipeline.lock import RunFolderLock
 from dreamood.pipeline.records import (
     StageRecord,
@@ -64,8 +64,9 @@ T = TypeVar("T")
 
 #: Builds the image decoder from the configuration and the class names.
 DecoderFactory = Callable[[PipelineConfig, list[str]], "EmbeddingDecoder"]
-#: Builds a feature extractor (with an integer ``feature_dim``) from a backbone name of the configuration.
-BackboneFactory = Callable[[str], nn.Module]
+#: Builds a feature extractor (with an integer ``feature_dim``) from a backbone name and a ResNet stem of the
+#: configuration (``encoder.backbone`` and ``encoder.stem``, or ``training.backbone`` and ``training.stem``).
+BackboneFactory = Callable[[str, str], nn.Module]
 
 
 class TrainingRun(TypedDict):
@@ -218,7 +219,7 @@ class Pipeline:
         cfg = self.config.anchors
         with library_progress_bars(["transformers"], enabled=self.config.progress):
             return TokenEmbeddings.from_pretrained(
-                cfg.model, list(class_names), cfg.subword, local_files_only=cfg.local_files_only
+                cfg.model, list(class_names), cfg.subword, words=cfg.words, local_files_only=cfg.local_files_only
             )
 
     @property
@@ -246,13 +247,16 @@ class Pipeline:
 
     @property
     def backbone_factory(self) -> BackboneFactory:
-        """Builds a backbone from a name: the factory passed in, else :func:`~dreamood.pipeline.build_backbone`."""
+        """Builds a backbone from a name and a stem: the factory passed in, else
+        :func:`~dreamood.pipeline.build_backbone` (``"auto"`` takes the 3x3 stem for images up to 64 px)."""
         if self._backbone_factory is not None:
             return self._backbone_factory
-        small_input = small_input_of(self.config)
+        from dreamood.models.resnet import uses_small_stem
 
-        def factory(name: str) -> nn.Module:
-            return build_backbone(name, small_input=small_input)
+        size = image_size_of(self.config)
+
+        def factory(name: str, stem: str) -> nn.Module:
+            return build_backbone(name, small_input=uses_small_stem(stem, size))
 
         return factory
 
@@ -291,19 +295,22 @@ class Pipeline:
 
         cfg = self.config.encoder
         with self.seeded_init():  # every initial weight, the projection's too, from the seed
-            backbone = self.backbone_factory(cfg.backbone)
+            backbone = self.backbone_factory(cfg.backbone, cfg.stem)
             return TextConditionedEncoder(backbone, resolve_feature_dim(backbone, None), anchors, cfg.temperature)
 
     def new_classifier(self) -> Classifier:
         """A freshly initialised classifier on the training backbone (weights from the seed).
 
         Returns:
-            The classifier.
+            The classifier: one output per class, and one more for the outlier class when ``training.loss`` is
+            ``"outlier-class"``.
         """
         from dreamood.models import Classifier
 
+        cfg = self.config.training
+        outputs = len(self.class_names) + (cfg.loss == "outlier-class")
         with self.seeded_init():  # every initial weight, the head's too, from the seed
-            return Classifier(self.backbone_factory(self.config.training.backbone), len(self.class_names))
+            return Classifier(self.backbone_factory(cfg.backbone, cfg.stem), outputs)
 
     def training_run(self, output_dir: Path, *, resume: bool, fingerprint: str) -> TrainingRun:
         """The run-time arguments of :func:`~dreamood.training.train_classifier` for a training of this run.
@@ -941,6 +948,10 @@ def _stable_diffusion(config: PipelineConfig, class_names: list[str], device: to
     from dreamood.decoding.stable_diffusion import StableDiffusionDecoder
 
     cfg = config.generation
+    unknown = sorted(set(cfg.class_prompts) - set(class_names))
+    if unknown:
+        raise ValueError(f"generation.class_prompts names classes the run does not have: {', '.join(unknown)}")
+    templates = [cfg.class_prompts.get(name, cfg.prompt) for name in class_names] if cfg.class_prompts else cfg.prompt
     return StableDiffusionDecoder.from_pretrained(
         cfg.model,
         class_names,
@@ -948,7 +959,12 @@ def _stable_diffusion(config: PipelineConfig, class_names: list[str], device: to
         device=device,
         scheduler=cfg.scheduler,
         local_files_only=cfg.local_files_only,
-        prompt_template=cfg.prompt,
+        prompt_template=templates,
+        prompt_words=cfg.prompt_words,
+        injection=cfg.injection,
+        injection_words=cfg.injection_words,
+        conditioning_noise=cfg.conditioning_noise,
+        fixed_latent_seed=cfg.fixed_latent_seed,
         num_inference_steps=cfg.steps,
         guidance_scale=cfg.guidance_scale,
         height=cfg.height,

@@ -225,9 +225,12 @@ def _make_bank(pipe: Pipeline, encoder: TextConditionedEncoder) -> FeatureBank:
     from dreamood.feature_bank import FeatureBank
 
     cfg = pipe.config.bank
+    images = pipe.data.train if cfg.augment else pipe.data.bank  # augmented: the authors' bank
+    if cfg.augment:
+        seed_global_rngs(pipe.config.seed)  # the augmentations draw from the global generators
     bank = FeatureBank.from_encoder(
         encoder,
-        pipe.loader(pipe.data.bank, cfg.batch_size, shuffle=False),
+        pipe.loader(images, cfg.batch_size, shuffle=cfg.shuffle),
         num_classes=len(pipe.class_names),
         max_per_class=cfg.per_class,
         device=pipe.device,
@@ -332,7 +335,7 @@ IMAGES: Stage[Path] = Stage(
 
 def _make_classifier(pipe: Pipeline, images: Path) -> Classifier:
     from dreamood.data.generated import GeneratedImageFolder
-    from dreamood.training import EnergyOODRegularizer, train_classifier
+    from dreamood.training import train_classifier
 
     cfg = pipe.config.training
     _check_images(pipe, images)
@@ -350,7 +353,7 @@ def _make_classifier(pipe: Pipeline, images: Path) -> Classifier:
         fingerprint=pipe.fingerprint(CLASSIFIER),
     )
     if pipe.config.method == "dream-ood":
-        regularizer = EnergyOODRegularizer(cfg.head, cfg.hidden_dim, cfg.energy_temperature)
+        regularizer = _outlier_loss(pipe)
         train_classifier(
             model, id_loader, cfg, outlier_loader=generated_loader, regularizer=regularizer, init_checkpoint=init,
             **where,
@@ -361,6 +364,19 @@ def _make_classifier(pipe: Pipeline, images: Path) -> Classifier:
         save_checkpoint(pipe.path(CLASSIFIER), {"model": model.state_dict()})
     barrier()
     return model.eval()
+
+
+def _outlier_loss(pipe: Pipeline) -> nn.Module:
+    """The regulariser of ``training.loss``: the energy loss (paper Eq. 7), outlier exposure, or K+1 classes."""
+    from dreamood.training import EnergyOODRegularizer
+    from dreamood.training.regularizer import OutlierClassLoss, OutlierExposureLoss
+
+    cfg = pipe.config.training
+    if cfg.loss == "oe":
+        return OutlierExposureLoss()
+    if cfg.loss == "outlier-class":
+        return OutlierClassLoss(len(pipe.class_names) + 1)
+    return EnergyOODRegularizer(cfg.head, cfg.hidden_dim, cfg.energy_temperature, temperature_form=cfg.temperature_form)
 
 
 def _check_images(pipe: Pipeline, folder: Path) -> None:
@@ -447,20 +463,37 @@ CLASSIFIER: Stage[Classifier] = Stage(
 
 
 def _make_report(pipe: Pipeline, model: nn.Module) -> OODReport:
-    from dreamood.evaluation import OODEvaluator, energy_score
+    from dreamood.evaluation import OODEvaluator, energy_score, outlier_class_score
 
-    cfg = pipe.config.evaluation
+    cfg, training = pipe.config.evaluation, pipe.config.training
+    outlier_class = training.loss == "outlier-class"
+    scorer = (
+        partial(outlier_class_score)
+        if outlier_class
+        else partial(energy_score, temperature=training.energy_temperature, form=training.temperature_form)
+    )
     evaluator = OODEvaluator(
-        partial(energy_score, temperature=pipe.config.training.energy_temperature),
+        scorer,
         model=model.to(pipe.device),
         protocol=cfg.protocol,
         repeats=cfg.repeats,
         seed=pipe.config.seed,
         device=pipe.device,
         progress=pipe.config.progress,
+        accuracy=not outlier_class,
+        sample_size=cfg.ood_subsample,
     )
     ood = {name: pipe.loader(dataset, cfg.batch_size, shuffle=False) for name, dataset in pipe.data.ood.items()}
-    report = evaluator.evaluate(pipe.loader(pipe.data.test, cfg.batch_size, shuffle=False), ood)
+    test_loader = pipe.loader(pipe.data.test, cfg.batch_size, shuffle=False)
+    report = evaluator.evaluate(test_loader, ood)
+    if outlier_class:  # the ID accuracy over the K classes, without the outlier class
+        from dreamood.baselines import classification_accuracy
+
+        classes = len(pipe.class_names)
+        accuracy = classification_accuracy(
+            lambda images: model(images)[:, :classes], test_loader, device=pipe.device, progress_bar=False
+        )
+        report = replace(report, id_accuracy=accuracy)
     with atomic_write(pipe.output_dir / "report.md", "w") as handle:
         handle.write(report.to_markdown() + "\n")
     report.to_json(pipe.path(REPORT))  # last: its existence marks the stage done
