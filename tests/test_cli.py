@@ -270,7 +270,7 @@ def test_run_with_baselines_writes_their_reports_and_a_table_then_skips_them(
     out = staged_run["out"]
     assert isinstance(out, Path)
     assert main(_smoke("run", out, "--baselines", "godin", "--dry-run")) == 0
-    assert capsys.readouterr().out.splitlines()[-1].split() == ["baseline", "godin", "to", "do", str(
+    assert capsys.readouterr().out.splitlines()[-2].split() == ["baseline", "godin", "to", "do", str(
         out / "baselines" / "godin" / "report.json")]  # fmt: skip
     assert main(_smoke("run", out, "--baselines", "godin")) == 0
     first = capsys.readouterr()
@@ -293,11 +293,11 @@ def test_run_with_baselines_writes_their_reports_and_a_table_then_skips_them(
     assert again.out == first.out
     assert files == {p: p.stat().st_mtime_ns for p in (out / "baselines").rglob("*") if p.is_file()}
     assert main(_smoke("run", out, "--baselines", "godin", "--dry-run")) == 0
-    assert capsys.readouterr().out.splitlines()[-1].split()[:3] == ["baseline", "godin", "done"]
+    assert capsys.readouterr().out.splitlines()[-2].split()[:3] == ["baseline", "godin", "done"]
 
     # Forced: retrained from scratch (no resume from its checkpoint), to the same result; the stages are skipped.
     assert main(_smoke("run", out, "--baselines", "godin", "--force", "godin", "--dry-run")) == 0
-    assert capsys.readouterr().out.splitlines()[-1].split()[:3] == ["baseline", "godin", "forced"]
+    assert capsys.readouterr().out.splitlines()[-2].split()[:3] == ["baseline", "godin", "forced"]
     assert main(_smoke("run", out, "--baselines", "godin", "--force", "godin")) == 0
     forced = capsys.readouterr()
     assert "[baseline godin] training for" in forced.err and "[classifier] running" not in forced.err
