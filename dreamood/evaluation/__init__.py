@@ -1,12 +1,21 @@
 """OOD evaluation: metrics (FPR95 in both conventions, AUROC, AUPR), logit scores, the evaluator and its report."""
 
 from dreamood.evaluation.evaluator import PROTOCOLS, OODEvaluator, SupportsScore
-from dreamood.evaluation.metrics import METRIC_NAMES, OODMetricAccumulator, OODMetrics, ood_metrics
+from dreamood.evaluation.metrics import (
+    FPR_RULES,
+    METRIC_NAMES,
+    OPTIONAL_METRIC_NAMES,
+    OODMetricAccumulator,
+    OODMetrics,
+    ood_metrics,
+)
 from dreamood.evaluation.report import OODReport, OODReportRow, metric_headers
 from dreamood.evaluation.scores import energy_score, max_logit_score, msp_score
 
 __all__ = [
+    "FPR_RULES",
     "METRIC_NAMES",
+    "OPTIONAL_METRIC_NAMES",
     "PROTOCOLS",
     "OODEvaluator",
     "OODMetricAccumulator",
