@@ -120,7 +120,8 @@ class DICE(LinearHeadDetector):
     Sun, Li. "DICE: Leveraging Sparsification for Out-of-Distribution Detection", ECCV 2022. ``fit`` computes
     the mean fit feature ``m`` and the contribution matrix ``V = W * m`` (entry ``(c, j)`` is ``W[c, j] m[j]``),
     and keeps only the weights whose contribution is above the ``100 * sparsity``-th percentile of *all*
-    ``C * D`` contributions; ``score(x) = logsumexp((W * mask) x + b)``.
+    ``C * D`` contributions; ``score(x) = logsumexp((W * mask) x + b)``. ``sparsity=0`` keeps every weight
+    (plain energy).
 
     Args:
         linear: The classifier's last layer, an ``nn.Linear`` or its weight ``(C, D)``.
@@ -186,7 +187,9 @@ class DICE(LinearHeadDetector):
         mean = x.mean(dim=0)
         contributions = self._weight.to(x.device) * mean.unsqueeze(0)
         threshold = percentile_of(contributions, 100.0 * self.sparsity)
-        self.mean_, self.threshold_, self.mask_ = mean, threshold, contributions > threshold
+        # At sparsity 0 the threshold is the smallest contribution, which the strict ">" would still drop.
+        mask = contributions > threshold if self.sparsity > 0 else torch.ones_like(contributions, dtype=torch.bool)
+        self.mean_, self.threshold_, self.mask_ = mean, threshold, mask
         return self
 
     def score(self, features: Tensor) -> Tensor:
