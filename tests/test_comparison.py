@@ -148,3 +148,45 @@ def test_parts_of_dreamood_backbones() -> None:
     with torch.no_grad():
         torch.testing.assert_close(parts.map_head(parts.feature_map(images)), model(images))
     assert parts.input_std == (0.5,)
+
+
+def test_image_detectors_run_over_the_loaders() -> None:
+    from dreamood.detectors import ODIN, Gram, MCDropout, MultiLayerMahalanobis, RankFeat
+
+    torch.manual_seed(0)
+    model = Classifier(SmallConvNet(in_channels=1, feature_dim=6, width=2, seed=0), 3)
+    model.head = nn.Sequential(nn.Dropout(0.2), model.head)  # type: ignore[assignment]
+    images, labels = torch.randn(24, 1, 6, 6), torch.arange(3).repeat(8)
+    fit = DataLoader(TensorDataset(images, labels), batch_size=8)
+    test = DataLoader(TensorDataset(torch.randn(12, 1, 6, 6), labels[:12]), batch_size=6)
+    ood = {"noise": DataLoader(TensorDataset(3 * torch.randn(10, 1, 6, 6)), batch_size=5)}
+    head = model.head[1]
+    parts = ModelParts(
+        model=model,
+        features=model.features,
+        head=head,
+        feature_map=model.backbone.body[:4],
+        map_head=nn.Sequential(model.backbone.body[4], model.backbone.body[5], head),
+        layers=(model.backbone.body[0], model.backbone.body[3]),
+        input_std=(0.5,),
+    )
+    names = ["ODIN", "RankFeat", "MCDropout", "MahalanobisMultiLayer", "Gram"]
+    comparison = evaluate_detectors(
+        model, test, ood, fit_loader=fit, parts=parts, detectors=names, progress_bar=False, device="cpu"
+    )
+    assert comparison.names == names
+    evaluator = lambda d: OODEvaluator(d, accuracy=False, progress=False)  # noqa: E731
+    expected = {
+        "ODIN": ODIN(model, std=[0.5]),
+        "RankFeat": RankFeat(parts.feature_map, parts.map_head),  # type: ignore[arg-type]
+        "MCDropout": MCDropout(model),
+        "MahalanobisMultiLayer": MultiLayerMahalanobis(model, parts.layers, std=[0.5]).fit_loader(fit),
+        "Gram": Gram(model, parts.layers).fit_loader(fit),
+    }
+    model.eval()
+    for name, detector in expected.items():
+        assert comparison[name].rows == evaluator(detector).evaluate(test, ood).rows, name
+    assert "MCDropout" in applicable_detectors(parts, has_fit_data=True)
+    assert "MCDropout" not in applicable_detectors(
+        ModelParts.from_classifier(Classifier(SmallConvNet(), 2)), has_fit_data=True
+    )

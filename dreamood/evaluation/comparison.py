@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,8 @@ from dreamood.io import atomic_write
 
 if TYPE_CHECKING:
     from dreamood.detectors import Detector
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DETECTORS",
@@ -193,6 +196,34 @@ def _odin(parts: ModelParts, n_fit: int, options: Mapping[str, Any]) -> Detector
     return ODIN(parts.model, **{"std": parts.input_std, **options})
 
 
+def _rankfeat(parts: ModelParts, n_fit: int, options: Mapping[str, Any]) -> Detector:
+    from dreamood.detectors import RankFeat
+
+    assert parts.feature_map is not None and parts.map_head is not None
+    return RankFeat(parts.feature_map, parts.map_head, **options)
+
+
+def _mc_dropout(parts: ModelParts, n_fit: int, options: Mapping[str, Any]) -> Detector:
+    from dreamood.detectors import MCDropout
+
+    assert isinstance(parts.model, nn.Module)
+    return MCDropout(parts.model, **options)
+
+
+def _multilayer_mahalanobis(parts: ModelParts, n_fit: int, options: Mapping[str, Any]) -> Detector:
+    from dreamood.detectors import MultiLayerMahalanobis
+
+    assert isinstance(parts.model, nn.Module)
+    return MultiLayerMahalanobis(parts.model, parts.layers, **{"std": parts.input_std, **options})
+
+
+def _gram(parts: ModelParts, n_fit: int, options: Mapping[str, Any]) -> Detector:
+    from dreamood.detectors import Gram
+
+    assert isinstance(parts.model, nn.Module)
+    return Gram(parts.model, parts.layers, **options)
+
+
 _SPECS: tuple[DetectorSpec, ...] = (
     DetectorSpec("MSP", "logits", (), _logit("MSP"), "Hendrycks & Gimpel, ICLR 2017"),
     DetectorSpec("MaxLogit", "logits", (), _logit("MaxLogit"), "Hendrycks et al., ICML 2022"),
@@ -236,6 +267,12 @@ _SPECS: tuple[DetectorSpec, ...] = (
     DetectorSpec("SHE", "features", ("features", "head", "fit"), _head("SHE"), "Zhang et al., ICLR 2023"),
     DetectorSpec("NNGuide", "features", ("features", "head", "fit"), _head("NNGuide", k=100), "Park et al., ICCV 2023"),
     DetectorSpec("fDBD", "features", ("features", "head", "fit"), _head("FDBD"), "Liu & Qin, ICML 2024"),
+    DetectorSpec("RankFeat", "images", ("feature_map", "map_head"), _rankfeat, "Song et al., NeurIPS 2022"),
+    DetectorSpec("MCDropout", "images", ("dropout",), _mc_dropout, "Gal & Ghahramani, ICML 2016"),
+    DetectorSpec(
+        "MahalanobisMultiLayer", "images", ("layers", "fit"), _multilayer_mahalanobis, "Lee et al., NeurIPS 2018"
+    ),
+    DetectorSpec("Gram", "images", ("layers", "fit"), _gram, "Sastry & Oore, ICML 2020"),
 )
 
 DETECTORS: dict[str, DetectorSpec] = {spec.name: spec for spec in _SPECS}
@@ -567,6 +604,7 @@ def evaluate_detectors(
     for name in names:
         spec = DETECTORS[name]
         detector = spec.build(parts, n_fit, options.get(name, {}))
+        logger.info("[detectors] evaluating %s", name)
         reprs[name] = repr(detector)
         if spec.inputs == "images":
             if "fit" in spec.needs:
@@ -576,7 +614,8 @@ def evaluate_detectors(
                     raise TypeError(f"{name} consumes images and must have a fit_loader method")
                 with _eval_mode(parts.model):
                     fit_images(fit_loader)
-            report = OODEvaluator(detector, accuracy=False, **settings).evaluate(id_loader, ood_loaders)
+            with _eval_mode(parts.model):
+                report = OODEvaluator(detector, accuracy=False, **settings).evaluate(id_loader, ood_loaders)
         else:
             key = "logits" if spec.inputs == "logits" else "features"
             if "fit" in spec.needs:
