@@ -20,13 +20,19 @@ from dreamood.detectors import (
     Detector,
     Entropy,
     GradNorm,
+    Gram,
     KLMatching,
+    MCDropout,
+    MultiLayerMahalanobis,
     NNGuide,
     NotFittedError,
+    OpenMax,
+    RankFeat,
     TemperatureScaling,
 )
 
 N_CLASSES, DIM = 4, 8
+IMAGE_DETECTORS = [MCDropout, Gram, MultiLayerMahalanobis, OpenMax, RankFeat]
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -315,9 +321,76 @@ def test_feature_detectors_check_their_inputs(index: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "cls", [Entropy, GEN, TemperatureScaling, KLMatching, ASH, SCALE, RMDS, SHE, NNGuide, FDBD, GradNorm]
+    "cls",
+    [Entropy, GEN, TemperatureScaling, KLMatching, ASH, SCALE, RMDS, SHE, NNGuide, FDBD, GradNorm, *IMAGE_DETECTORS],
 )
 def test_every_new_detector_declares_inputs_and_reference(cls: type[Detector]) -> None:
     assert cls.inputs in ("logits", "features", "images")
     assert any(venue in cls.reference for venue in ("ICLR", "ICML", "NeurIPS", "CVPR", "ICCV"))
     assert cls.reference.split(".")[0].split(",")[0] in (cls.__doc__ or "")
+
+
+# ---------------------------------------------------------------- OpenMax
+
+
+def test_weibull_fit_matches_scipy() -> None:
+    from scipy.stats import weibull_min
+
+    from dreamood.detectors.openmax import fit_weibull
+
+    sample = weibull_min.rvs(1.7, scale=2.5, size=40, random_state=np.random.default_rng(20))
+    shape, _, scale = weibull_min.fit(sample, floc=0)  # a numerical optimiser, accurate to about 1e-5
+    ours = fit_weibull(_t(sample))
+    assert ours == pytest.approx((shape, scale), rel=1e-4)
+    log_likelihood = lambda k, lam: weibull_min.logpdf(sample, k, scale=lam).sum()  # noqa: E731
+    assert log_likelihood(*ours) >= log_likelihood(shape, scale) - 1e-12  # ours is the exact maximum
+    with pytest.raises(ValueError, match="at least two distinct values"):
+        fit_weibull(torch.ones(5))
+
+
+def test_openmax_matches_float64_recalibration() -> None:
+    from scipy.stats import weibull_min
+
+    from dreamood.detectors import OpenMax
+
+    rng = _rng(21)
+    labels = np.repeat(np.arange(3), 30)
+    fit_logits = 4 * np.eye(3)[labels] + rng.normal(size=(90, 3))
+    test = rng.normal(scale=2.0, size=(15, 3))
+    correct = fit_logits.argmax(axis=1) == labels
+
+    def eucos(v: np.ndarray, mean: np.ndarray) -> np.ndarray:
+        cosine = 1 - v @ mean / (np.linalg.norm(v, axis=-1) * np.linalg.norm(mean))
+        return np.linalg.norm(v - mean, axis=-1) / 200 + cosine
+
+    means, models = [], []
+    for c in range(3):
+        rows = fit_logits[correct & (labels == c)]
+        means.append(rows.mean(axis=0))
+        tail = np.sort(eucos(rows, means[c]))[-8:]
+        shape, _, scale = weibull_min.fit(tail, floc=0)
+        models.append((shape, scale))
+    expected = []
+    for v in test:
+        weights = np.zeros(3)
+        weights[np.argsort(-v)[:2]] = [1.0, 0.5]  # alpha = 2: (alpha + 1 - r) / alpha
+        cdf = np.array([weibull_min.cdf(eucos(v, means[c]), models[c][0], scale=models[c][1]) for c in range(3)])
+        kept = v * (1 - weights * cdf)
+        expected.append(1 - softmax(np.r_[(v - kept).sum(), kept])[0])
+    detector = OpenMax(tailsize=8, alpha=2).fit(_t(fit_logits), _t(labels))
+    np.testing.assert_allclose(detector.score(_t(test)).numpy(), expected, rtol=1e-4)  # scipy's fit: ~1e-5
+    with pytest.raises(ValueError, match="class 0 has .* fewer than tailsize=50"):
+        OpenMax(tailsize=50).fit(_t(fit_logits), _t(labels))
+
+
+def test_openmax_separates_id_from_ood() -> None:
+    from dreamood.detectors import OpenMax
+
+    # OOD activation vectors are confident but atypical: high on two classes at once, far from every mean.
+    rng = _rng(22)
+    labels = np.repeat(np.arange(4), 60)
+    fit_logits, test_logits = (6 * np.eye(4)[labels] + 0.5 * rng.normal(size=(240, 4)) for _ in range(2))
+    pairs = rng.permutation(np.repeat(np.arange(4), 30)).reshape(-1, 2)
+    ood_logits = 6 * (np.eye(4)[pairs[:, 0]] + np.eye(4)[(pairs[:, 0] + 1) % 4]) + 0.5 * rng.normal(size=(60, 4))
+    detector = OpenMax(tailsize=20, alpha=2).fit(_t(fit_logits), _t(labels))
+    assert _auroc(detector.score(_t(test_logits)), detector.score(_t(ood_logits))) > 0.95

@@ -10,6 +10,7 @@ from dreamood.detectors.feature_space import FDBD, SHE, GradNorm, NNGuide
 from dreamood.detectors.layers import Gram, MultiLayerMahalanobis
 from dreamood.detectors.logits import GEN, MSP, Energy, Entropy, KLMatching, MaxLogit, TemperatureScaling
 from dreamood.detectors.odin import ODIN
+from dreamood.detectors.openmax import OpenMax
 from dreamood.detectors.rankfeat import RankFeat
 from dreamood.detectors.shaping import ASH, DICE, SCALE, ReAct
 from dreamood.detectors.vim import ViM
@@ -39,6 +40,7 @@ __all__ = [
     "MultiLayerMahalanobis",
     "NNGuide",
     "NotFittedError",
+    "OpenMax",
     "RankFeat",
     "ReAct",
     "TemperatureScaling",

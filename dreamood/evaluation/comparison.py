@@ -232,6 +232,7 @@ _SPECS: tuple[DetectorSpec, ...] = (
     DetectorSpec("GEN", "logits", (), _logit("GEN"), "Liu et al., CVPR 2023"),
     DetectorSpec("TempScaling", "logits", ("fit",), _logit("TemperatureScaling"), "Guo et al., ICML 2017"),
     DetectorSpec("KLMatching", "logits", ("fit",), _logit("KLMatching"), "Hendrycks et al., ICML 2022"),
+    DetectorSpec("OpenMax", "logits", ("fit",), _logit("OpenMax"), "Bendale & Boult, CVPR 2016"),
     DetectorSpec("ODIN", "images", (), _odin, "Liang et al., ICLR 2018"),
     DetectorSpec("GradNorm", "features", ("features", "head"), _head("GradNorm"), "Huang et al., NeurIPS 2021"),
     DetectorSpec(
