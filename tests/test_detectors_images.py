@@ -243,3 +243,22 @@ def test_gram_separates_shifted_images() -> None:
     ood = 3 * torch.randn(60, 1, 6, 6) + 1
     detector = Gram(model, [model[0], model[1]], powers=4).fit_loader(train.split(50))
     assert _auroc(detector.score(test), detector.score(ood)) > 0.95
+
+
+def test_multilayer_mahalanobis_weights_from_logistic_regression() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(11)
+    labels = np.repeat(np.arange(3), 30)
+    as_t = torch.from_numpy
+    train = 5 * np.eye(6)[labels] + 0.3 * rng.normal(size=(90, 6))
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    detector = MultiLayerMahalanobis(model, [model[0], model[1]]).fit(as_t(train), as_t(labels))
+    id_val = as_t(5 * np.eye(6)[labels[:40]] + 0.3 * rng.normal(size=(40, 6)))
+    ood_val = as_t(5 * np.eye(6)[4] + 0.3 * rng.normal(size=(40, 6)))
+    detector.fit_weights(id_val, ood_val)
+    columns = torch.cat([detector.layer_scores(id_val), detector.layer_scores(ood_val)]).numpy()
+    expected = LogisticRegression(max_iter=1000).fit(columns, [1] * 40 + [0] * 40).coef_[0]
+    np.testing.assert_allclose(detector.weights, expected)
+    np.testing.assert_allclose(detector.score(id_val).numpy(), columns[:40] @ expected, rtol=1e-12)

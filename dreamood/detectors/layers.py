@@ -92,8 +92,9 @@ class MultiLayerMahalanobis(Detector):
     covariance per layer (float64). The layer confidence is ``M_l(x) = max_c -(f_l(x) - mu_{l,c})^T S_l^+
     (f_l(x) - mu_{l,c})``. With ``epsilon > 0`` the input is first moved to raise it,
     ``x' = x + epsilon * sign(grad_x M_l(x)) / std`` (one perturbation per layer, ``std`` the per-channel input
-    standard deviation, as the authors' code), and ``score(x) = sum_l w_l M_l(x')``. The paper learns the
-    weights ``w_l`` by logistic regression on validation data; pass them as ``weights`` (default: equal).
+    standard deviation, as the authors' code), and ``score(x) = sum_l w_l M_l(x')`` (the paper's factor 1/2 on
+    the distance, a common scale, is left out). The paper learns the weights ``w_l`` by logistic regression on
+    validation data: pass them as ``weights`` (default: equal) or learn them with :meth:`fit_weights`.
 
     Args:
         model: The classifier (an ``nn.Module``), run in eval mode.
@@ -247,6 +248,33 @@ class MultiLayerMahalanobis(Detector):
                 with torch.no_grad():
                     columns.append(self._confidence(self._layer_features(inputs)[index], index))
         return torch.stack(columns, dim=1)
+
+    def fit_weights(self, id_inputs: Tensor, ood_inputs: Tensor, *, seed: int = 0) -> Self:
+        """Learn the layer weights by logistic regression of ID (1) against OOD (0) validation inputs.
+
+        The paper's ensemble: a logistic regression on the per-layer confidences of held-out ID inputs and of
+        validation outliers (or adversarial examples), whose coefficients become ``weights``. This uses
+        scikit-learn's ``LogisticRegression`` with its default L2 strength (``C=1``); the authors' code
+        cross-validates ``C`` (``LogisticRegressionCV``).
+
+        Args:
+            id_inputs: Held-out ID inputs ``(N, ...)``.
+            ood_inputs: Validation OOD inputs ``(M, ...)``.
+            seed: Seed of the solver.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            NotFittedError: If the class Gaussians are not fitted yet.
+        """
+        from sklearn.linear_model import LogisticRegression
+
+        features = torch.cat([self.layer_scores(id_inputs), self.layer_scores(ood_inputs)]).cpu().numpy()
+        target = [1] * id_inputs.shape[0] + [0] * ood_inputs.shape[0]
+        regression = LogisticRegression(random_state=seed, max_iter=1000).fit(features, target)
+        self.weights = [float(w) for w in regression.coef_[0]]
+        return self
 
     def score(self, x: Tensor) -> Tensor:
         """Score a batch of model inputs.
