@@ -190,3 +190,40 @@ def test_image_detectors_run_over_the_loaders() -> None:
     assert "MCDropout" not in applicable_detectors(
         ModelParts.from_classifier(Classifier(SmallConvNet(), 2)), has_fit_data=True
     )
+
+
+def test_validation_data_fits_the_held_out_detectors_and_the_gram_normaliser() -> None:
+    from dreamood.detectors import Gram, TemperatureScaling
+
+    model, _, y, test, ood, loaders = _data(4)
+    validation = torch.cat([test[::2], ood[:10]])  # any held-out data with labels
+    labels = torch.cat([y[::2], torch.zeros(10, dtype=torch.int64)])
+    validation_loader = DataLoader(TensorDataset(validation, labels), batch_size=32)
+    comparison = evaluate_detectors(
+        model,
+        loaders["test"],
+        loaders["ood"],
+        fit_loader=loaders["fit"],
+        validation_loader=validation_loader,
+        detectors=["TempScaling"],
+        progress_bar=False,
+        device="cpu",
+    )
+    with torch.no_grad():
+        detector = TemperatureScaling().fit(model(validation), labels)
+        scores = {"far": detector.score(model(ood))}
+    expected = OODEvaluator(lambda x: x, progress=False).evaluate_scores(detector.score(model(test)), scores)
+    assert comparison["TempScaling"].rows == expected.rows
+    assert comparison.detectors["TempScaling"] == repr(detector)
+
+    conv = Classifier(SmallConvNet(in_channels=1, feature_dim=4, width=2, seed=0), 2)
+    images = DataLoader(TensorDataset(torch.randn(16, 1, 5, 5), torch.arange(2).repeat(8)), batch_size=8)
+    held = DataLoader(TensorDataset(torch.randn(8, 1, 5, 5), torch.arange(2).repeat(4)), batch_size=8)
+    gram = evaluate_detectors(
+        conv, held, {"x": images}, fit_loader=images, validation_loader=held, detectors=["Gram"], progress_bar=False
+    )
+    parts = ModelParts.from_classifier(conv)
+    conv.eval()
+    reference = Gram(conv, parts.layers).fit_loader(images).fit_normalizer(held)
+    expected_gram = OODEvaluator(reference, accuracy=False, progress=False).evaluate(held, {"x": images})
+    assert gram["Gram"].rows == expected_gram.rows

@@ -143,6 +143,8 @@ class DetectorSpec:
         build: ``build(parts, n_fit, options)`` returns the unfitted detector; ``n_fit`` is the number of fit
             samples (0 without fit data) and ``options`` the user's keyword arguments for this detector.
         paper: Short paper reference for the docs.
+        held_out: The paper fits it on held-out ID data rather than the training set (temperature scaling,
+            KL-Matching): :func:`evaluate_detectors` fits it on ``validation_loader`` when one is given.
     """
 
     name: str
@@ -150,6 +152,7 @@ class DetectorSpec:
     needs: tuple[Requirement, ...]
     build: Callable[[ModelParts, int, Mapping[str, Any]], Detector]
     paper: str
+    held_out: bool = False
 
 
 def _logit(cls_name: str, **defaults: Any) -> Callable[[ModelParts, int, Mapping[str, Any]], Detector]:
@@ -230,8 +233,10 @@ _SPECS: tuple[DetectorSpec, ...] = (
     DetectorSpec("Energy", "logits", (), _logit("Energy"), "Liu et al., NeurIPS 2020"),
     DetectorSpec("Entropy", "logits", (), _logit("Entropy"), "Shannon 1948; Hendrycks et al., ICLR 2019"),
     DetectorSpec("GEN", "logits", (), _logit("GEN"), "Liu et al., CVPR 2023"),
-    DetectorSpec("TempScaling", "logits", ("fit",), _logit("TemperatureScaling"), "Guo et al., ICML 2017"),
-    DetectorSpec("KLMatching", "logits", ("fit",), _logit("KLMatching"), "Hendrycks et al., ICML 2022"),
+    DetectorSpec(
+        "TempScaling", "logits", ("fit",), _logit("TemperatureScaling"), "Guo et al., ICML 2017", held_out=True
+    ),
+    DetectorSpec("KLMatching", "logits", ("fit",), _logit("KLMatching"), "Hendrycks et al., ICML 2022", held_out=True),
     DetectorSpec("OpenMax", "logits", ("fit",), _logit("OpenMax"), "Bendale & Boult, CVPR 2016"),
     DetectorSpec("ODIN", "images", (), _odin, "Liang et al., ICLR 2018"),
     DetectorSpec("GradNorm", "features", ("features", "head"), _head("GradNorm"), "Huang et al., NeurIPS 2021"),
@@ -506,6 +511,7 @@ def evaluate_detectors(
     ood_loaders: Mapping[str, Iterable[Any]],
     *,
     fit_loader: Iterable[Any] | None = None,
+    validation_loader: Iterable[Any] | None = None,
     detectors: str | Sequence[str] = "all",
     parts: ModelParts | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
@@ -533,6 +539,9 @@ def evaluate_detectors(
         ood_loaders: OOD test loaders by name.
         fit_loader: ID data to fit detectors on, ``(images, labels)`` batches (usually the training set, without
             augmentation). Without it only detectors that learn nothing are applicable.
+        validation_loader: Held-out ID ``(images, labels)`` batches (not the test set). When given, the detectors
+            their papers fit on held-out data (temperature scaling, KL-Matching) are fitted on it instead of
+            ``fit_loader``, and ``Gram`` normalises each layer's deviation by its mean on it.
         detectors: ``"all"`` (every applicable detector of :data:`DETECTORS`) or a list of names
             (case-insensitive); a named detector whose needs are not met is an error.
         parts: The model's parts; default :meth:`ModelParts.from_classifier` of ``model`` (or only the model
@@ -592,6 +601,9 @@ def evaluate_detectors(
         fit = None
         if fit_loader is not None and need_fit_outputs:
             fit = _forward(parts, fit_loader, target, "fit data", progress_bar)
+        held_out = None
+        if validation_loader is not None and any(spec.held_out for spec in shared):
+            held_out = _forward(parts, validation_loader, target, "validation data", progress_bar)
         test = _forward(parts, id_loader, target, "ID test", progress_bar)
         ood = {name: _forward(parts, loader, target, name, progress_bar) for name, loader in ood_loaders.items()}
 
@@ -615,13 +627,17 @@ def evaluate_detectors(
                     raise TypeError(f"{name} consumes images and must have a fit_loader method")
                 with _eval_mode(parts.model):
                     fit_images(fit_loader)
+                    normalizer = getattr(detector, "fit_normalizer", None)
+                    if validation_loader is not None and callable(normalizer):
+                        normalizer(validation_loader)
             with _eval_mode(parts.model):
                 report = OODEvaluator(detector, accuracy=False, **settings).evaluate(id_loader, ood_loaders)
         else:
             key = "logits" if spec.inputs == "logits" else "features"
             if "fit" in spec.needs:
-                assert fit is not None
-                detector.fit(getattr(fit, key), fit.labels)
+                source = held_out if spec.held_out and held_out is not None else fit
+                assert source is not None
+                detector.fit(getattr(source, key), source.labels)
             id_scores = detector.score(getattr(test, key)).cpu()
             ood_scores = {set_name: detector.score(getattr(out, key)).cpu() for set_name, out in ood.items()}
             report = evaluator.evaluate_scores(id_scores, ood_scores)
