@@ -140,6 +140,23 @@ def test_selection_errors() -> None:
         call(detectors=["ReAct"], parts=plain)
 
 
+def test_failing_detectors_can_be_skipped() -> None:
+    model, *_, loaders = _data(5)
+    names = ["Energy", "OpenMax"]
+    call = lambda **kw: evaluate_detectors(  # noqa: E731
+        model, loaders["test"], loaders["ood"], fit_loader=loaders["fit"], detectors=names, progress_bar=False, **kw
+    )
+    options = {"OpenMax": {"tailsize": 500}}  # more than any class has
+    with pytest.raises(ValueError, match="fewer than tailsize=500"):
+        call(options=options)
+    comparison = call(options=options, errors="skip")
+    assert comparison.names == ["Energy"] and "fewer than tailsize=500" in comparison.skipped["OpenMax"]
+    assert "Skipped: OpenMax (ValueError: class 0 has" in comparison.to_markdown()
+    assert DetectorComparison.from_dict(comparison.to_dict()) == comparison
+    with pytest.raises(ValueError, match="errors must be one of"):
+        call(errors="ignore")
+
+
 def test_parts_of_dreamood_backbones() -> None:
     model = Classifier(SmallConvNet(in_channels=1, feature_dim=6, width=2, seed=0), 3)
     parts = ModelParts.from_classifier(model, input_std=[0.5])

@@ -47,6 +47,8 @@ def test_rankfeat_matches_float64_svd() -> None:
         expected.append(2.0 * logsumexp(logits / 2.0))
     detector = RankFeat(conv, head, temperature=2.0)
     np.testing.assert_allclose(detector.score(x).numpy(), expected, rtol=1e-10)
+    with pytest.raises(ValueError, match="one channel or one spatial position"):
+        detector.score(torch.randn(2, 2, 1, 1, dtype=torch.float64))
 
 
 def test_rankfeat_separates_an_overconfident_rank_one_ood_set() -> None:

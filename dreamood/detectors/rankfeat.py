@@ -71,11 +71,17 @@ class RankFeat(Detector):
             The maps without their largest singular component, same shape and dtype.
 
         Raises:
-            ValueError: If ``maps`` has fewer than 3 dimensions.
+            ValueError: If ``maps`` has fewer than 3 dimensions, or one channel or one position (a rank-1
+                matrix, which nothing would be left of).
         """
         if maps.dim() < 3:
             raise ValueError(f"the feature map must be (N, C, H, W) or (N, C, L), got shape {tuple(maps.shape)}")
         flat = maps.reshape(maps.shape[0], maps.shape[1], -1).to(torch.float64)
+        if min(flat.shape[1], flat.shape[2]) < 2:
+            raise ValueError(
+                f"the feature map {tuple(maps.shape)} has one channel or one spatial position: removing its rank-1 "
+                "component leaves nothing; take the map of an earlier block or use larger inputs"
+            )
         u, s, vh = torch.linalg.svd(flat, full_matrices=False)
         rank_one = s[:, :1, None] * u[:, :, :1] @ vh[:, :1, :]
         removed: Tensor = (flat - rank_one).reshape(maps.shape).to(maps.dtype)

@@ -16,12 +16,13 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from dreamood._utils import DeviceLike, progress, resolve_device
+from dreamood._validation import check_choice
 from dreamood.evaluation.metrics import FprRule
 from dreamood.evaluation.report import OODReport, metric_headers
 from dreamood.io import atomic_write
@@ -350,11 +351,13 @@ class DetectorComparison:
         reports: One :class:`~dreamood.evaluation.OODReport` per detector, by name, in evaluation order.
         id_accuracy: Top-1 accuracy on the ID test set (from the shared logits), or ``None`` without labels.
         detectors: Each detector's ``repr`` (its hyperparameters), by name.
+        skipped: The error of each detector that was skipped (``errors="skip"``), by name.
     """
 
     reports: dict[str, OODReport]
     id_accuracy: float | None = None
     detectors: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> OODReport:
         """The report of detector ``name``.
@@ -403,17 +406,21 @@ class DetectorComparison:
                         cell += f" ± {100 * row.std[name]:.2f}"
                     cells.append(cell)
                 lines.append("| " + " | ".join(cells) + " |")
+        if self.skipped:
+            lines += ["", "Skipped: " + "; ".join(f"{name} ({error})" for name, error in self.skipped.items())]
         return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
         """The comparison as a JSON-serialisable dict (values as fractions).
 
         Returns:
-            A dict with ``id_accuracy``, ``detectors`` (the reprs) and ``reports`` (each report's ``to_dict``).
+            A dict with ``id_accuracy``, ``detectors`` (the reprs), ``skipped`` and ``reports`` (each report's
+            ``to_dict``).
         """
         return {
             "id_accuracy": self.id_accuracy,
             "detectors": dict(self.detectors),
+            "skipped": dict(self.skipped),
             "reports": {name: report.to_dict() for name, report in self.reports.items()},
         }
 
@@ -432,6 +439,7 @@ class DetectorComparison:
                 reports={str(name): OODReport.from_dict(report) for name, report in data["reports"].items()},
                 id_accuracy=None if accuracy is None else float(accuracy),
                 detectors={str(k): str(v) for k, v in data["detectors"].items()},
+                skipped={str(k): str(v) for k, v in data.get("skipped", {}).items()},
             )
         except ArtifactError:
             raise
@@ -524,6 +532,7 @@ def evaluate_detectors(
     device: DeviceLike = None,
     progress_bar: bool = True,
     output_dir: str | os.PathLike[str] | None = None,
+    errors: Literal["raise", "skip"] = "raise",
 ) -> DetectorComparison:
     """Evaluate a trained classifier under every applicable post-hoc detector (or the named ones).
 
@@ -558,6 +567,9 @@ def evaluate_detectors(
             available).
         progress_bar: Show progress bars.
         output_dir: When given, ``detectors.md`` and ``detectors.json`` are written there.
+        errors: ``"raise"`` (default): a detector that fails to fit or score stops the call; ``"skip"``: it is
+            left out of the table and its error recorded in ``DetectorComparison.skipped`` (useful with
+            ``"all"``, e.g. OpenMax on a class with too few correctly classified fit samples).
 
     Returns:
         The comparison: one report per detector, in :data:`DETECTORS` order (or the order given).
@@ -570,6 +582,7 @@ def evaluate_detectors(
     from dreamood.evaluation.evaluator import OODEvaluator, _check_names, _module_device
 
     _check_names(ood_loaders, "ood_loaders")
+    check_choice(errors, ("raise", "skip"), "errors")
     if parts is None:
         parts = ModelParts.from_classifier(model) if isinstance(model, nn.Module) else ModelParts(model=model)
     has_fit = fit_loader is not None
@@ -612,13 +625,10 @@ def evaluate_detectors(
         id_accuracy = float((test.logits.argmax(dim=1) == test.labels).to(torch.float64).mean())
     n_fit = 0 if fit is None else fit.logits.shape[0]
 
-    reports: dict[str, OODReport] = {}
-    reprs: dict[str, str] = {}
-    for name in names:
+    def run(name: str) -> tuple[OODReport, str]:
         spec = DETECTORS[name]
         detector = spec.build(parts, n_fit, options.get(name, {}))
         logger.info("[detectors] evaluating %s", name)
-        reprs[name] = repr(detector)
         if spec.inputs == "images":
             if "fit" in spec.needs:
                 assert fit_loader is not None
@@ -641,8 +651,24 @@ def evaluate_detectors(
             id_scores = detector.score(getattr(test, key)).cpu()
             ood_scores = {set_name: detector.score(getattr(out, key)).cpu() for set_name, out in ood.items()}
             report = evaluator.evaluate_scores(id_scores, ood_scores)
+        return report, repr(detector)
+
+    reports: dict[str, OODReport] = {}
+    reprs: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    for name in names:
+        try:
+            report, reprs[name] = run(name)
+        except (ValueError, TypeError, RuntimeError) as error:
+            if errors == "raise":
+                raise
+            skipped[name] = f"{type(error).__name__}: {error}"
+            logger.warning("[detectors] %s skipped: %s", name, skipped[name])
+            continue
         reports[name] = replace(report, id_accuracy=id_accuracy)
-    comparison = DetectorComparison(reports=reports, id_accuracy=id_accuracy, detectors=reprs)
+    if not reports:
+        raise ValueError(f"every detector failed: {skipped}")
+    comparison = DetectorComparison(reports=reports, id_accuracy=id_accuracy, detectors=reprs, skipped=skipped)
     if output_dir is not None:
         comparison.write(output_dir)
     return comparison
