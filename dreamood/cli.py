@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (stages, text) in _stage_commands().items():
         sub = commands.add_parser(name, parents=[common], help=text, description=text[0].upper() + text[1:] + ".")
         sub.add_argument("--force", action="store_true", help="redo the stage even when its artefact exists")
+        if "report" in stages:
+            sub.add_argument(
+                "--detectors",
+                metavar="NAMES",
+                help="also evaluate the classifier under post-hoc detectors and print one table (written to "
+                "detectors/): 'all' or comma-separated names (msp, energy, odin, mahalanobis, knn, vim, react, "
+                "dice, ash-s, scale, gen, ...; see the detectors page)",
+            )
         sub.set_defaults(handler=_run_stages, stages=stages)
     run = commands.add_parser(
         "run",
@@ -280,6 +288,11 @@ def _run_stages(args: argparse.Namespace) -> int:
                 print(stage.summary(result))
             if stage.name == "report" and config.method == "dream-id":
                 print(_accuracy_line(pipe.generalization(pipe.load("classifier"))))
+            if stage.name == "report" and getattr(args, "detectors", None):
+                names = "all" if args.detectors.strip() == "all" else [n.strip() for n in args.detectors.split(",")]
+                comparison = pipe.compare_detectors(pipe.load("classifier"), names)
+                if int(os.environ.get("RANK", "0")) == 0:
+                    print(comparison.to_markdown())
     return 0
 
 

@@ -570,6 +570,8 @@ class EvaluationConfig:
             the recall nearest 0.95, the authors' code).
         ood_subsample: Size of each OOD subsample of the ``"paper"`` protocol; none takes a fifth of the ID test
             set (the authors' ImageNet-100 code cuts it to whole batches of 160: 960).
+        aupr_trapezoid: Also report AUPR by the trapezoid rule (pytorch-ood's and OpenOOD's), beside the
+            step-wise average precision.
     """
 
     protocol: str = "paper"
@@ -577,6 +579,7 @@ class EvaluationConfig:
     batch_size: int = 256
     fpr_rule: str = "exact"
     ood_subsample: int | None = None
+    aupr_trapezoid: bool = False
 
     def __post_init__(self) -> None:
         _one_of(self.protocol, ("paper", "full"), "protocol")

@@ -331,3 +331,18 @@ def test_no_progress_silences_the_libraries_loading_bars(staged_run: dict[str, o
     for command in ("anchors", "generate"):
         _, _, stderr = staged_run[command]  # type: ignore[misc]
         assert "Loading" not in stderr and "it/s]" not in stderr, (command, stderr)
+
+
+def test_evaluate_compares_post_hoc_detectors_in_one_table(
+    staged_run: dict[str, object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = staged_run["out"]
+    assert isinstance(out, Path)
+    assert main(_smoke("evaluate", out, "-q", "--detectors", "msp,energy,knn")) == 0
+    printed = capsys.readouterr().out
+    table = (out / "detectors" / "detectors.md").read_text()
+    for name in ("MSP", "Energy", "KNN"):
+        assert any(line.startswith(f"| {name} |") for line in table.splitlines()), table
+    assert table.strip() in printed
+    assert main(_smoke("evaluate", out, "-q", "--detectors", "msp,nonsense")) == 1
+    assert "nonsense" in capsys.readouterr().err

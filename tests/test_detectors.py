@@ -415,3 +415,43 @@ def test_detectors_satisfy_the_protocols() -> None:
 def test_percentile_matches_numpy(values: np.ndarray, q: float) -> None:
     expected = np.percentile(values, q)
     assert percentile_of(torch.from_numpy(values), q) == pytest.approx(expected, rel=1e-12, abs=1e-9)
+
+
+# ---------------------------------------------------------------- DICE at sparsity 0, ODIN with a per-channel std
+
+
+def test_dice_with_zero_sparsity_keeps_every_weight() -> None:
+    weight, bias = _random_head(30)
+    train = np.abs(_rng(31).normal(size=(50, DIM)))
+    test = _rng(32).normal(size=(20, DIM))
+    detector = DICE(torch.from_numpy(weight), torch.from_numpy(bias), sparsity=0.0).fit(torch.from_numpy(train))
+    assert bool(detector.mask_.all())
+    expected = logsumexp(test @ weight.T + bias, axis=1)
+    np.testing.assert_allclose(detector.score(torch.from_numpy(test)).numpy(), expected, rtol=1e-12)
+
+
+def test_odin_divides_the_gradient_sign_by_the_channel_std() -> None:
+    # A linear model on 2-channel 1x2 "images": x' = x - epsilon * sign(g) / std_c, then MSP at temperature T.
+    weight, bias = _random_head(33, dim=4)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, N_CLASSES)).double()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.from_numpy(weight))
+        model[1].bias.copy_(torch.from_numpy(bias))
+    x = _rng(34).normal(size=(10, 2, 1, 2))
+    std = np.array([0.25, 0.5])
+    temperature, epsilon = 2.0, 0.05
+    flat = x.reshape(10, 4)
+    logits = flat @ weight.T + bias
+    probabilities = np.exp(logits / temperature - logsumexp(logits / temperature, axis=1, keepdims=True))
+    gradient = (probabilities @ weight - weight[logits.argmax(axis=1)]) / temperature
+    perturbed = flat - epsilon * np.sign(gradient) / np.repeat(std, 2)
+    scaled = (perturbed @ weight.T + bias) / temperature
+    expected = np.exp(scaled.max(axis=1) - logsumexp(scaled, axis=1))
+    odin = ODIN(model, temperature=temperature, epsilon=epsilon, std=[0.25, 0.5])
+    np.testing.assert_allclose(odin.score(torch.from_numpy(x)).numpy(), expected, rtol=1e-10)
+    without = ODIN(model, temperature=temperature, epsilon=epsilon).score(torch.from_numpy(x)).numpy()
+    assert not np.allclose(without, expected)
+    with pytest.raises(ValueError, match="std has 3 channels but the inputs have shape"):
+        ODIN(model, std=[0.2, 0.2, 0.2]).score(torch.from_numpy(x))
+    with pytest.raises(ValueError, match="std must hold finite numbers > 0"):
+        ODIN(model, std=[0.2, 0.0])

@@ -316,3 +316,33 @@ def test_report_csv(protocol: str, tmp_path: Path) -> None:
     assert float(rows[0]["FPR95 (OOD+)"]) == pytest.approx(100 * report["SVHN"].metrics["fpr95_ood_positive"], abs=1e-4)
     assert rows[2]["ID Acc"] == "90.0000" and rows[0]["ID Acc"] == ""
     assert ("AUROC std" in rows[0]) == (protocol == "paper")
+
+
+# ---- the FPR threshold rule and the trapezoid AUPRs -----------------------------------------------------------
+
+
+def test_fpr_rule_and_trapezoid_auprs_reach_the_report(tmp_path: Path) -> None:
+    id_scores = torch.tensor([5.0, 5.0, 5.0, 4.0, 4.0, 4.0, 3.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    ood = {"tied": torch.tensor([4.0, 3.0, 2.0, 2.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)}
+    default = OODEvaluator(energy_score, progress=False).evaluate_scores(id_scores, ood)
+    reference = OODEvaluator(energy_score, progress=False, fpr_rule="nearest", aupr_trapezoid=True).evaluate_scores(
+        id_scores, ood
+    )
+    assert default.fpr_rule == "exact" and reference.fpr_rule == "nearest"
+    assert default["tied"].metrics["fpr95"] == 0.6 and reference["tied"].metrics["fpr95"] == 0.4
+    assert "aupr_in_trapezoid" not in default.mean.metrics and default.metric_names == METRIC_NAMES
+    expected = ood_metrics(id_scores, ood["tied"], fpr_rule="nearest")
+    assert reference["tied"].metrics["aupr_in_trapezoid"] == expected.aupr_in_trapezoid
+    assert reference["tied"].metrics["aupr_out_trapezoid"] == expected.aupr_out_trapezoid
+    markdown = reference.to_markdown()
+    assert "AUPR-In (trapz)" in markdown and "FPR threshold rule 'nearest'" in markdown
+    assert "AUPR-Out (trapz)" in reference.to_csv()
+    path = tmp_path / "report.json"
+    reference.to_json(path)
+    assert OODReport.from_json(path) == reference
+    # Reports written before the rule existed load with the exact rule.
+    data = json.loads(default.to_json())
+    del data["fpr_rule"]
+    assert OODReport.from_dict(data) == default
+    with pytest.raises(ValueError, match="fpr_rule must be one of 'exact', 'nearest', got 'near'"):
+        OODEvaluator(energy_score, fpr_rule="near")  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from dreamood.errors import NonFiniteError
 from dreamood.evaluation import (
@@ -287,3 +287,91 @@ def test_logit_score_errors() -> None:
         energy_score(torch.zeros(2, 3), temperature=0.0)
     with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
         energy_score(np.zeros((2, 3)))  # type: ignore[arg-type]
+
+
+# ---- AUPR by the trapezoid rule, FPR by the nearest-TPR rule ------------------------------------------------
+
+
+def _trapezoid_reference(positives: np.ndarray, negatives: np.ndarray) -> float:
+    y = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
+    precision, recall, _ = precision_recall_curve(y, np.r_[positives, negatives])
+    return float(auc(recall, precision))
+
+
+def _nearest_reference(positives: np.ndarray, negatives: np.ndarray, level: float) -> float:
+    """A transcription of ``fpr_and_fdr_at_recall`` of the DREAM-OOD / outlier-exposure evaluation code."""
+    y_true = np.r_[np.ones(len(positives)), np.zeros(len(negatives))].astype(bool)
+    y_score = np.r_[positives, negatives]
+    order = np.argsort(y_score, kind="mergesort")[::-1]
+    y_score, y_true = y_score[order], y_true[order]
+    threshold_idxs = np.r_[np.where(np.diff(y_score))[0], y_true.size - 1]
+    tps = np.cumsum(y_true)[threshold_idxs]
+    fps = 1 + threshold_idxs - tps
+    recall = tps / tps[-1]
+    last_ind = tps.searchsorted(tps[-1])
+    sl = slice(last_ind, None, -1)
+    recall, fps = np.r_[recall[sl], 1], np.r_[fps[sl], 0]
+    cutoff = np.argmin(np.abs(recall - level))
+    return float(fps[cutoff] / np.sum(np.logical_not(y_true)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(id_scores=tied_scores, ood_scores=tied_scores)
+def test_trapezoid_aupr_matches_sklearn_auc_of_the_pr_curve(id_scores: np.ndarray, ood_scores: np.ndarray) -> None:
+    metrics = ood_metrics(id_scores, ood_scores)
+    assert metrics.aupr_in_trapezoid == pytest.approx(_trapezoid_reference(id_scores, ood_scores), abs=1e-12)
+    assert metrics.aupr_out_trapezoid == pytest.approx(_trapezoid_reference(-ood_scores, -id_scores), abs=1e-12)
+
+
+def test_trapezoid_and_step_aupr_differ_and_are_named_apart() -> None:
+    # ID positive, thresholds 3, 2, 1: (recall, precision) = (1/3, 1), (2/3, 2/4), (1, 3/6) after (0, 1).
+    metrics = ood_metrics([3.0, 2.0, 1.0], [2.0, 2.0, 1.0])
+    assert metrics.aupr_in == pytest.approx(1 / 3 * 1 + 1 / 3 * 1 / 2 + 1 / 3 * 1 / 2)  # 2/3
+    assert metrics.aupr_in_trapezoid == pytest.approx(1 / 3 * 1 + 1 / 3 * 3 / 4 + 1 / 3 * 1 / 2)  # 3/4
+    assert metrics.aupr_in != metrics.aupr_in_trapezoid
+
+
+def test_nearest_fpr_rule_on_a_hand_checked_tied_case() -> None:
+    # ID positive, distinct thresholds 5, 4, 3, 2, 1, 0 give (TP, FP) = (3, 0), (6, 1), (8, 2), (9, 4), (10, 6),
+    # (10, 10). The exact rule needs TP >= 9.5, so TP = 10 at threshold 1: FPR = 6/10. The nearest rule compares
+    # |0.9 - 0.95| = 0.04999999999999993 with |1.0 - 0.95| = 0.050000000000000044 and takes TP = 9: FPR = 4/10.
+    id_scores = [5.0, 5.0, 5.0, 4.0, 4.0, 4.0, 3.0, 3.0, 2.0, 1.0]
+    ood_scores = [4.0, 3.0, 2.0, 2.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    exact = ood_metrics(id_scores, ood_scores)
+    nearest = ood_metrics(id_scores, ood_scores, fpr_rule="nearest")
+    assert (exact.fpr95, nearest.fpr95) == (0.6, 0.4)
+    assert (exact.fpr_rule, nearest.fpr_rule) == ("exact", "nearest")
+    # Everything but the FPRs is the same under both rules.
+    assert exact.auroc == nearest.auroc and exact.aupr_in == nearest.aupr_in
+    assert nearest.fpr95 == _nearest_reference(np.asarray(id_scores), np.asarray(ood_scores), 0.95)
+
+
+def test_nearest_rule_breaks_equal_distances_towards_the_lower_threshold() -> None:
+    # ID positive: thresholds 2, 1, 0 give TPR 0.5, 0.5, 1.0 and FPR 0, 1, 1. At level 0.5 two points are exactly
+    # nearest; the reference walks from full TPR upwards and keeps the first, the lower threshold 1.
+    assert ood_metrics([2.0, 0.0], [1.0], fpr_rule="nearest", tpr=0.5).fpr95 == 1.0
+    assert ood_metrics([2.0, 0.0], [1.0], fpr_rule="exact", tpr=0.5).fpr95 == 0.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(id_scores=tied_scores, ood_scores=tied_scores, level=st.sampled_from([0.95, 0.9, 0.5, 0.8]))
+def test_nearest_rule_matches_the_reference_code(id_scores: np.ndarray, ood_scores: np.ndarray, level: float) -> None:
+    metrics = ood_metrics(id_scores, ood_scores, tpr=level, fpr_rule="nearest")
+    assert metrics.fpr95 == _nearest_reference(id_scores, ood_scores, level)
+    assert metrics.fpr95_ood_positive == _nearest_reference(-ood_scores, -id_scores, level)
+
+
+def test_unknown_fpr_rule() -> None:
+    with pytest.raises(ValueError, match="fpr_rule must be one of 'exact', 'nearest', got 'closest'"):
+        ood_metrics([1.0], [0.0], fpr_rule="closest")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="fpr_rule must be one of"):
+        OODMetricAccumulator(fpr_rule="closest")  # type: ignore[arg-type]
+
+
+def test_accumulator_passes_the_fpr_rule_and_does_not_sync_without_a_process_group() -> None:
+    id_scores = [5.0, 5.0, 5.0, 4.0, 4.0, 4.0, 3.0, 3.0, 2.0, 1.0]
+    ood_scores = [4.0, 3.0, 2.0, 2.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    accumulator = OODMetricAccumulator(fpr_rule="nearest")
+    accumulator.update(id_scores=id_scores[:4], ood_scores=ood_scores)
+    accumulator.update(id_scores=id_scores[4:])
+    assert accumulator.compute() == ood_metrics(id_scores, ood_scores, fpr_rule="nearest")

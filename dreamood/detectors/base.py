@@ -10,8 +10,10 @@ fit can never be used silently.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
@@ -224,3 +226,35 @@ def percentile_of(values: Tensor, q: float) -> float:
     low = float(flat.kthvalue(lower + 1).values)
     high = float(flat.kthvalue(upper + 1).values)
     return low + (high - low) * (position - lower)
+
+
+@contextlib.contextmanager
+def eval_mode(*objects: object) -> Iterator[None]:
+    """Put every given ``nn.Module`` in eval mode inside the block; restore each submodule's flag afterwards."""
+    modules = [obj for obj in objects if isinstance(obj, nn.Module)]
+    flags = [(sub, sub.training) for module in modules for sub in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for sub, training in flags:
+            sub.training = training
+
+
+def check_images(x: Tensor, name: str = "x") -> Tensor:
+    """Return ``x`` detached, checked to be a finite floating-point batch with a batch dimension."""
+    x = as_tensor(x, name)
+    check_floating(x, name)
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have a batch dimension, got shape {tuple(x.shape)}")
+    check_finite(x, name)
+    return x.detach()
+
+
+def module_device(model: object, fallback: Tensor) -> torch.device:
+    """The device of a module's first parameter or buffer, else ``fallback``'s device."""
+    if isinstance(model, nn.Module):
+        for tensor in (*model.parameters(), *model.buffers()):
+            return tensor.device
+    return fallback.device

@@ -1,4 +1,4 @@
-"""Distance-based detectors on penultimate features: Mahalanobis (class Gaussians) and KNN (deep nearest neighbours)."""
+"""Distance-based detectors on penultimate features: Mahalanobis and RMDS (class Gaussians), KNN (neighbours)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dreamood.knn import Backend, kth_neighbor_distance
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["KNN", "Mahalanobis"]
+__all__ = ["KNN", "RMDS", "Mahalanobis", "squared_mahalanobis"]
 
 
 def symmetric_pinv(matrix: Tensor) -> Tensor:
@@ -41,6 +41,45 @@ def symmetric_pinv(matrix: Tensor) -> Tensor:
     kept: Tensor = eigenvectors[:, keep]
     inverse: Tensor = (kept / eigenvalues[keep]) @ kept.T
     return inverse
+
+
+def squared_mahalanobis(x: Tensor, means: Tensor, precision: Tensor) -> Tensor:
+    """Squared Mahalanobis distances ``(x_i - mu_c)^T P (x_i - mu_c)`` of every row to every mean, clamped at 0.
+
+    Args:
+        x: Points ``(N, D)``.
+        means: Means ``(C, D)``.
+        precision: Symmetric precision matrix ``(D, D)``.
+
+    Returns:
+        Distances ``(N, C)``.
+    """
+    x_precision = x @ precision
+    # (x - mu)^T P (x - mu) = x^T P x - 2 x^T P mu + mu^T P mu, for all classes at once.
+    squared = (
+        (x_precision * x).sum(dim=1, keepdim=True)
+        - 2.0 * x_precision @ means.T
+        + ((means @ precision) * means).sum(dim=1).unsqueeze(0)
+    )
+    return squared.clamp(min=0.0)
+
+
+def class_gaussians(x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Sorted classes, class means and the tied within-class covariance ``1/N sum (x - mu_y)(x - mu_y)^T``.
+
+    Args:
+        x: Features ``(N, D)``, float64.
+        labels: Integer labels ``(N,)`` on the device of ``x``.
+
+    Returns:
+        ``(classes (C,), means (C, D), covariance (D, D))``.
+    """
+    classes, inverse = torch.unique(labels, return_inverse=True)
+    counts = torch.bincount(inverse, minlength=classes.shape[0]).to(torch.float64)
+    means = torch.zeros(classes.shape[0], x.shape[1], dtype=torch.float64, device=x.device)
+    means.index_add_(0, inverse, x).div_(counts.unsqueeze(1))
+    centered = x - means[inverse]
+    return classes, means, centered.T @ centered / x.shape[0]
 
 
 class Mahalanobis(Detector):
@@ -87,12 +126,7 @@ class Mahalanobis(Detector):
         labels = check_labels(labels, features.shape[0])
         device = self._compute_device(features)
         x = features.to(device, torch.float64)
-        classes, inverse = torch.unique(labels.to(device), return_inverse=True)
-        counts = torch.bincount(inverse, minlength=classes.shape[0]).to(torch.float64)
-        means = torch.zeros(classes.shape[0], x.shape[1], dtype=torch.float64, device=device)
-        means.index_add_(0, inverse, x).div_(counts.unsqueeze(1))
-        centered = x - means[inverse]
-        covariance = centered.T @ centered / x.shape[0]
+        classes, means, covariance = class_gaussians(x, labels.to(device))
         precision = symmetric_pinv(covariance)
         self.classes_, self.means_, self.covariance_, self.precision_ = classes, means, covariance, precision
         return self
@@ -117,15 +151,84 @@ class Mahalanobis(Detector):
         check_feature_dim(features, self.means_.shape[1])
         device = self._compute_device(features)
         x = features.to(device, torch.float64)
-        means, precision = self.means_.to(device), self.precision_.to(device)
-        x_precision = x @ precision
-        # (x - mu)^T P (x - mu) = x^T P x - 2 x^T P mu + mu^T P mu, for all classes at once.
-        squared = (
-            (x_precision * x).sum(dim=1, keepdim=True)
-            - 2.0 * x_precision @ means.T
-            + ((means @ precision) * means).sum(dim=1).unsqueeze(0)
+        squared = squared_mahalanobis(x, self.means_.to(device), self.precision_.to(device))
+        return finish_scores(-squared.amin(dim=1), features, "Mahalanobis")
+
+
+class RMDS(Mahalanobis):
+    """Relative Mahalanobis distance: class distance minus the distance to one background Gaussian; higher = ID.
+
+    Ren, Fort, Liu, Roy, Padhy, Lakshminarayanan. "A Simple Fix to Mahalanobis Distance for Improving Near-OOD
+    Detection", ICML 2021 Workshop on Uncertainty and Robustness in Deep Learning (arXiv:2106.09022). With the
+    class Gaussians of :class:`Mahalanobis` (``MD_c``) and one Gaussian fit to all features, mean ``mu_0`` and
+    covariance ``S_0 = 1/N sum_i (x_i - mu_0)(x_i - mu_0)^T`` (``MD_0``), ``RMD_c(x) = MD_c(x) - MD_0(x)`` and
+    ``score(x) = -min_c RMD_c(x)`` (squared distances, pseudo-inverses, float64).
+
+    Args:
+        device: Where the computation runs (``None``: the device of the features).
+
+    Attributes:
+        classes_: Sorted distinct labels ``(C,)``.
+        means_: Class means ``(C, D)``, float64.
+        covariance_: Tied within-class covariance ``(D, D)``, float64.
+        precision_: Its pseudo-inverse ``(D, D)``, float64.
+        background_mean_: Mean ``mu_0`` of all fit features ``(D,)``, float64.
+        background_precision_: Pseudo-inverse of ``S_0`` ``(D, D)``, float64.
+    """
+
+    reference = (
+        "Ren, Fort, Liu, Roy, Padhy, Lakshminarayanan. A Simple Fix to Mahalanobis Distance for Improving "
+        "Near-OOD Detection. ICML 2021 Workshop on Uncertainty and Robustness in Deep Learning (arXiv:2106.09022)."
+    )
+
+    def fit(self, features: Tensor, labels: Tensor | None = None) -> Self:
+        """Estimate the class Gaussians and the background Gaussian.
+
+        Args:
+            features: In-distribution features ``(N, D)``.
+            labels: Their integer class labels ``(N,)`` (required).
+
+        Returns:
+            ``self``.
+
+        Raises:
+            TypeError: If ``features`` is not floating point or ``labels`` not integer.
+            ValueError: If ``labels`` is missing or its length differs, or a covariance is zero.
+            NonFiniteError: If ``features`` contains NaN or infinity.
+        """
+        super().fit(features, labels)
+        x = check_batch(features, "features").to(self._compute_device(features), torch.float64)
+        mean = x.mean(dim=0)
+        centered = x - mean
+        self.background_mean_ = mean
+        self.background_precision_ = symmetric_pinv(centered.T @ centered / x.shape[0])
+        return self
+
+    def score(self, features: Tensor) -> Tensor:
+        """Score a batch of features.
+
+        Args:
+            features: Features ``(N, D)``.
+
+        Returns:
+            Scores ``(N,)``, on the device of ``features``.
+
+        Raises:
+            NotFittedError: If :meth:`fit` has not been called.
+            TypeError: If ``features`` is not floating point.
+            ValueError: If ``features`` does not have ``D`` columns.
+            NonFiniteError: If ``features`` contains NaN or infinity.
+        """
+        self._check_fitted("means_", "precision_", "background_precision_")
+        features = check_batch(features, "features")
+        check_feature_dim(features, self.means_.shape[1])
+        device = self._compute_device(features)
+        x = features.to(device, torch.float64)
+        class_distances = squared_mahalanobis(x, self.means_.to(device), self.precision_.to(device))
+        background = squared_mahalanobis(
+            x, self.background_mean_.to(device).unsqueeze(0), self.background_precision_.to(device)
         )
-        return finish_scores(-squared.clamp(min=0.0).amin(dim=1), features, "Mahalanobis")
+        return finish_scores(-(class_distances - background).amin(dim=1), features, "RMDS")
 
 
 class KNN(Detector):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +11,7 @@ from dreamood._utils import DeviceLike
 from dreamood._validation import as_tensor, check_finite, check_floating, check_positive
 from dreamood.detectors.base import Detector, finish_scores
 
-__all__ = ["ODIN"]
+__all__ = ["ODIN", "channel_std", "scale_by_std"]
 
 
 class ODIN(Detector):
@@ -21,9 +21,10 @@ class ODIN(Detector):
     ICLR 2018. The input is moved by ``epsilon`` against the gradient sign of the temperature-scaled
     cross-entropy of the predicted class, ``x' = x - epsilon * sign(grad_x CE(f(x) / T, argmax f(x)))``, and the
     score is ``max_c softmax(f(x') / T)_c`` (input components with an exactly zero gradient stay unchanged). The
-    perturbation is applied in the space of the model's input: if
-    the model normalises images itself, ``epsilon`` is in pixel units; otherwise in normalised units (the
-    original code divides the sign by the per-channel standard deviation for that reason).
+    perturbation is applied in the space of the model's input: if the model normalises images itself,
+    ``epsilon`` is in pixel units; for a model fed normalised images, pass the normalisation's per-channel
+    standard deviations as ``std`` and the step becomes ``epsilon * sign(g) / std_c`` in channel ``c``, a step of
+    ``epsilon`` in pixel units, as the original code and OpenOOD do.
 
     The model is run in eval mode during scoring and each module's train/eval mode is restored afterwards;
     gradients are taken with respect to the input only, so no ``.grad`` is left on the model's parameters.
@@ -33,12 +34,15 @@ class ODIN(Detector):
             differentiable callable.
         temperature: Softmax temperature ``T > 0`` (the paper uses 1000).
         epsilon: Perturbation size ``>= 0`` (0 gives temperature scaling alone).
+        std: Per-channel standard deviations ``(C,)`` of the input normalisation (channel axis 1 of the input),
+            each ``> 0``; ``None`` leaves the gradient sign undivided.
         device: Where the model runs. ``None``: the device of the model's first parameter (the batch's device
             for a model without parameters).
 
     Raises:
         TypeError: If ``model`` is not callable.
-        ValueError: If ``temperature`` or ``epsilon`` is out of range.
+        ValueError: If ``temperature`` or ``epsilon`` is out of range, or ``std`` is not a 1-D sequence of
+            positive finite numbers.
     """
 
     inputs = "images"
@@ -53,6 +57,8 @@ class ODIN(Detector):
         temperature: float = 1000.0,
         epsilon: float = 0.0014,
         device: DeviceLike = None,
+        *,
+        std: Sequence[float] | Tensor | None = None,
     ) -> None:
         super().__init__(device)
         if not callable(model):
@@ -62,9 +68,11 @@ class ODIN(Detector):
         self.model = model
         self.temperature = temperature
         self.epsilon = epsilon
+        self.std = None if std is None else channel_std(std)
 
     def _params(self) -> dict[str, object]:
-        return {"temperature": self.temperature, "epsilon": self.epsilon, **super()._params()}
+        std = None if self.std is None else self.std.tolist()
+        return {"temperature": self.temperature, "epsilon": self.epsilon, "std": std, **super()._params()}
 
     def score_inputs(self, x: Tensor) -> Tensor:
         """Score a batch of model inputs.
@@ -133,6 +141,42 @@ class ODIN(Detector):
                 # Summed, not averaged: only the per-sample gradient sign matters, and a mean could underflow.
                 loss = nn.functional.cross_entropy(scaled, scaled.argmax(dim=1), reduction="sum")
                 (gradient,) = torch.autograd.grad(loss, x_grad)
-            x = x - self.epsilon * gradient.sign()
+            x = x - self.epsilon * scale_by_std(gradient.sign(), self.std)
         with torch.no_grad():
             return torch.softmax(self._logits(x) / self.temperature, dim=1).amax(dim=1)
+
+
+def channel_std(std: Sequence[float] | Tensor) -> Tensor:
+    """Validate per-channel standard deviations and return them as a float64 ``(C,)`` tensor.
+
+    Args:
+        std: The standard deviations, a sequence or a 1-D tensor of positive finite numbers.
+
+    Returns:
+        The float64 tensor on the CPU.
+
+    Raises:
+        ValueError: If ``std`` is not 1-D, empty, or holds a value that is not a finite number > 0.
+    """
+    values = torch.as_tensor(std.detach().cpu() if isinstance(std, Tensor) else list(std), dtype=torch.float64)
+    if values.dim() != 1 or values.numel() == 0:
+        raise ValueError(f"std must be a 1-D sequence of per-channel standard deviations, got {tuple(values.shape)}")
+    if not bool(torch.isfinite(values).all()) or not bool((values > 0).all()):
+        raise ValueError(f"std must hold finite numbers > 0, got {values.tolist()}")
+    return values
+
+
+def scale_by_std(step: Tensor, std: Tensor | None) -> Tensor:
+    """Divide ``step`` ``(N, C, ...)`` by ``std[c]`` along its channel axis 1 (unchanged when ``std`` is None).
+
+    Raises:
+        ValueError: If the input has no channel axis or not ``len(std)`` channels.
+    """
+    if std is None:
+        return step
+    if step.dim() < 2 or step.shape[1] != std.shape[0]:
+        raise ValueError(
+            f"std has {std.shape[0]} channels but the inputs have shape {tuple(step.shape)} (channels on axis 1)"
+        )
+    shape = (1, std.shape[0]) + (1,) * (step.dim() - 2)
+    return step / std.to(step.device, step.dtype).reshape(shape)

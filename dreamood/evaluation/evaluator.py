@@ -18,7 +18,16 @@ from torch import Tensor, nn
 
 from dreamood._utils import DeviceLike, make_generator, progress, resolve_device
 from dreamood._validation import as_tensor, check_choice, check_positive_int
-from dreamood.evaluation.metrics import METRIC_NAMES, _as_scores, _check_same_dtype, _check_tpr, _compute
+from dreamood.evaluation.metrics import (
+    METRIC_NAMES,
+    OPTIONAL_METRIC_NAMES,
+    FprRule,
+    _as_scores,
+    _check_fpr_rule,
+    _check_same_dtype,
+    _check_tpr,
+    _compute,
+)
 from dreamood.evaluation.report import OODReport, OODReportRow
 from dreamood.protocols import Scorer
 
@@ -119,6 +128,11 @@ class OODEvaluator:
         repeats: Number of subsamples per OOD set for the ``"paper"`` protocol.
         seed: Seed of the ``"paper"`` protocol's subsampling.
         tpr: TPR level of the FPR metrics, in ``(0, 1]``.
+        fpr_rule: Threshold rule of the FPR metrics: ``"exact"`` (default; the first ROC point whose TPR reaches
+            ``tpr``) or ``"nearest"`` (the ROC point whose TPR is nearest to ``tpr``, as the DREAM-OOD reference
+            code computes it); see :func:`~dreamood.evaluation.ood_metrics`.
+        aupr_trapezoid: Also report the AUPRs by the trapezoid rule (``aupr_in_trapezoid``,
+            ``aupr_out_trapezoid``, the AUPR of pytorch-ood and OpenOOD) beside the step-wise ones.
         device: Where batches are sent. ``None`` uses the device of the model's (or a module scorer's) first
             parameter, else CUDA when available; ``"auto"`` means CUDA when available.
         progress: Show a progress bar per loader.
@@ -127,7 +141,8 @@ class OODEvaluator:
 
     Raises:
         TypeError: ``scorer`` or ``model`` is not callable, or ``repeats``/``seed``/``sample_size`` is not an int.
-        ValueError: ``protocol`` is unknown, ``repeats`` or ``sample_size`` < 1, or ``tpr`` is outside ``(0, 1]``.
+        ValueError: ``protocol`` or ``fpr_rule`` is unknown, ``repeats`` or ``sample_size`` < 1, or ``tpr`` is outside
+            ``(0, 1]``.
     """
 
     def __init__(
@@ -143,6 +158,8 @@ class OODEvaluator:
         device: DeviceLike = None,
         progress: bool = True,
         sample_size: int | None = None,
+        fpr_rule: FprRule = "exact",
+        aupr_trapezoid: bool = False,
     ) -> None:
         if not isinstance(scorer, SupportsScore) and not callable(scorer):
             raise TypeError(f"scorer must be callable or have a .score method, got {type(scorer).__name__}")
@@ -152,6 +169,7 @@ class OODEvaluator:
         check_positive_int(repeats, "repeats")
         check_positive_int(seed, "seed", allow_zero=True)
         _check_tpr(tpr)
+        _check_fpr_rule(fpr_rule)
         self.scorer = scorer
         self.model = model
         self.accuracy = accuracy
@@ -164,6 +182,8 @@ class OODEvaluator:
         if sample_size is not None:
             check_positive_int(sample_size, "sample_size")
         self.sample_size = sample_size
+        self.fpr_rule: FprRule = fpr_rule
+        self.aupr_trapezoid = aupr_trapezoid
 
     # ---- scoring ------------------------------------------------------------------------------------------
 
@@ -300,16 +320,17 @@ class OODEvaluator:
                 f"the paper protocol subsamples OOD sets to n_id // 5 scores; it needs n_id >= 5, got {n_id}"
             )
 
+        names = self.metric_names
         rows: list[OODReportRow] = []
-        values = np.empty((len(ood_scores), repeats, len(METRIC_NAMES)), dtype=np.float64)
+        values = np.empty((len(ood_scores), repeats, len(names)), dtype=np.float64)
         for set_index, (name, scores) in enumerate(ood_scores.items()):
             label = f"ood_scores[{name!r}]"
             ood_tensor = _as_scores(scores, label)
             _check_same_dtype(id_tensor, ood_tensor, "id_scores", label)
             subsets = self._subsets(ood_tensor, sample_size) if self.protocol == "paper" else [ood_tensor]
             for repeat, subset in enumerate(subsets):
-                metrics = _compute(id_tensor, subset, self.tpr)
-                values[set_index, repeat] = [getattr(metrics, metric) for metric in METRIC_NAMES]
+                metrics = _compute(id_tensor, subset, self.tpr, self.fpr_rule)
+                values[set_index, repeat] = [getattr(metrics, metric) for metric in names]
             rows.append(self._row(name, values[set_index], n_ood=subsets[0].shape[0]))
         mean = self._row("Mean", values.mean(axis=0), n_ood=None)
         return OODReport(
@@ -321,7 +342,14 @@ class OODEvaluator:
             repeats=repeats,
             seed=self.seed if self.protocol == "paper" else None,
             id_accuracy=id_accuracy,
+            fpr_rule=self.fpr_rule,
         )
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics of the reports: :data:`~dreamood.evaluation.metrics.METRIC_NAMES`, then the trapezoid
+        AUPRs when ``aupr_trapezoid`` is true."""
+        return METRIC_NAMES + (OPTIONAL_METRIC_NAMES if self.aupr_trapezoid else ())
 
     def _subsets(self, ood_scores: Tensor, sample_size: int) -> list[Tensor]:
         """The ``repeats`` random subsets of one OOD set for the paper protocol."""
@@ -333,10 +361,11 @@ class OODEvaluator:
 
     def _row(self, name: str, values: np.ndarray[Any, Any], n_ood: int | None) -> OODReportRow:
         """A report row from per-repeat metric values of shape ``(repeats, n_metrics)``."""
-        metrics = {metric: float(values[:, i].mean()) for i, metric in enumerate(METRIC_NAMES)}
+        names = self.metric_names
+        metrics = {metric: float(values[:, i].mean()) for i, metric in enumerate(names)}
         std = None
         if self.protocol == "paper":
-            std = {metric: float(values[:, i].std()) for i, metric in enumerate(METRIC_NAMES)}
+            std = {metric: float(values[:, i].std()) for i, metric in enumerate(names)}
         return OODReportRow(name=name, metrics=metrics, std=std, n_ood=n_ood)
 
 

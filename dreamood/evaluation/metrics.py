@@ -3,6 +3,12 @@
 Every score is *higher = more in-distribution*. All metrics are computed exactly from integer counts over the
 distinct score values (float64 only for the final ratios), so tied scores are handled the way scikit-learn
 handles them: a tie between an ID and an OOD sample counts 1/2 towards the AUROC.
+
+Where libraries define a metric differently, both definitions are available under distinct names: the AUPRs as
+step-wise average precision (``aupr_in``, ``aupr_out``, the default) and as the trapezoid rule
+(``aupr_in_trapezoid``, ``aupr_out_trapezoid``, pytorch-ood and OpenOOD), and the FPR threshold as the exact
+first ROC point reaching the TPR level (``fpr_rule="exact"``, the default) or as the point whose TPR is nearest
+to it (``fpr_rule="nearest"``, the DREAM-OOD / VOS / NPOS reference code).
 """
 
 from __future__ import annotations
@@ -10,17 +16,35 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
 from dreamood._validation import as_tensor, check_finite
 
-__all__ = ["METRIC_NAMES", "OODMetricAccumulator", "OODMetrics", "ood_metrics"]
+__all__ = [
+    "FPR_RULES",
+    "METRIC_NAMES",
+    "OPTIONAL_METRIC_NAMES",
+    "FprRule",
+    "OODMetricAccumulator",
+    "OODMetrics",
+    "ood_metrics",
+]
 
 METRIC_NAMES: tuple[str, ...] = ("fpr95", "fpr95_ood_positive", "auroc", "aupr_in", "aupr_out")
-"""Names of the metric fields of :class:`OODMetrics`, in report order."""
+"""Names of the metric fields of :class:`OODMetrics` that every report shows, in report order."""
+
+OPTIONAL_METRIC_NAMES: tuple[str, ...] = ("aupr_in_trapezoid", "aupr_out_trapezoid")
+"""Further metric fields of :class:`OODMetrics` that a report shows on request (the AUPRs by the trapezoid rule)."""
+
+FprRule = Literal["exact", "nearest"]
+"""How the FPR threshold is chosen: ``"exact"`` (the first ROC point whose TPR reaches the level) or
+``"nearest"`` (the ROC point whose TPR is nearest to the level, as the DREAM-OOD reference code does)."""
+
+FPR_RULES: tuple[str, ...] = get_args(FprRule)
+"""The accepted values of ``fpr_rule``."""
 
 
 @dataclass(frozen=True)
@@ -33,11 +57,18 @@ class OODMetrics:
         fpr95_ood_positive: OOD positive (the OpenOOD v1.5 convention): fraction of ID samples rejected as OOD
             at the threshold that catches ``tpr`` of the OOD samples. Lower is better.
         auroc: Area under the ROC curve; ties between an ID and an OOD score count 1/2. Higher is better.
-        aupr_in: Average precision with ID as the positive class (scikit-learn's ``average_precision_score``).
+        aupr_in: Average precision with ID as the positive class (scikit-learn's ``average_precision_score``):
+            the precision at each threshold weighted by the recall gained there (a step function).
         aupr_out: Average precision with OOD as the positive class and the scores negated.
+        aupr_in_trapezoid: Area under the precision-recall curve with ID positive by the trapezoid rule,
+            ``sklearn.metrics.auc(recall, precision)`` of ``precision_recall_curve``, the AUPR of pytorch-ood and
+            OpenOOD. It interpolates linearly between operating points, which overstates the precision
+            between them; it differs from ``aupr_in`` by a few hundredths, more with tied scores.
+        aupr_out_trapezoid: The same with OOD positive and the scores negated.
         tpr: The true-positive-rate level used for both FPR fields (0.95 gives FPR95).
         n_id: Number of ID scores.
         n_ood: Number of OOD scores.
+        fpr_rule: How the FPR thresholds were chosen, ``"exact"`` or ``"nearest"`` (see :func:`ood_metrics`).
     """
 
     fpr95: float
@@ -45,9 +76,12 @@ class OODMetrics:
     auroc: float
     aupr_in: float
     aupr_out: float
+    aupr_in_trapezoid: float
+    aupr_out_trapezoid: float
     tpr: float
     n_id: int
     n_ood: int
+    fpr_rule: str = "exact"
 
     def to_dict(self) -> dict[str, Any]:
         """Return the fields as a JSON-serialisable dict.
@@ -84,6 +118,11 @@ def _check_tpr(tpr: float) -> None:
         raise ValueError(f"tpr must be a number in (0, 1], got {tpr!r}")
 
 
+def _check_fpr_rule(fpr_rule: str) -> None:
+    if fpr_rule not in FPR_RULES:
+        raise ValueError(f"fpr_rule must be one of {', '.join(repr(r) for r in FPR_RULES)}, got {fpr_rule!r}")
+
+
 def _required_count(tpr: float, n: int) -> int:
     """Smallest count ``k`` with ``k / n >= tpr``, exact for decimal ``tpr`` such as 0.95 (no float round-off)."""
     return max(1, math.ceil(Fraction(repr(float(tpr))) * n))
@@ -111,6 +150,27 @@ def _fpr_at_tpr(tp: Tensor, fp: Tensor, n_pos: int, n_neg: int, tpr: float) -> f
     return int(fp[index]) / n_neg
 
 
+def _fpr_at_nearest_tpr(tp: Tensor, fp: Tensor, n_pos: int, n_neg: int, tpr: float) -> float:
+    """FPR at the ROC point whose TPR is nearest to ``tpr``: the rule of ``fpr_and_fdr_at_recall``.
+
+    That function (the evaluation code of Hendrycks et al.'s outlier exposure, reused by DREAM-OOD, VOS and NPOS)
+    walks the curve from the first point of full TPR towards higher thresholds and takes the first minimum of
+    ``|TPR - tpr|`` in float64, so equal distances go to the lower threshold. (It also appends a point
+    (TPR 1, FPR 0) after the walk; that point can never be chosen, since the walk starts at a point of TPR 1.)
+    """
+    last = int(torch.searchsorted(tp, torch.tensor([n_pos], dtype=torch.int64), side="left"))
+    distance = (tp[: last + 1].to(torch.float64) / n_pos - tpr).abs().flip(0)
+    return int(fp[last - int(torch.argmin(distance))]) / n_neg
+
+
+def _trapezoid_aupr(tp: Tensor, fp: Tensor, n_pos: int) -> float:
+    """``sklearn.metrics.auc(recall, precision)`` of ``precision_recall_curve``: trapezoids from (0, 1) onwards."""
+    tp64 = tp.to(torch.float64)
+    recall = torch.cat([tp64.new_zeros(1), tp64 / n_pos])
+    precision = torch.cat([tp64.new_ones(1), tp64 / (tp64 + fp.to(torch.float64))])
+    return float((torch.diff(recall) * (precision[1:] + precision[:-1]) / 2).sum())
+
+
 def _average_precision(tp: Tensor, fp: Tensor, n_pos: int) -> float:
     """Sum over thresholds of (recall increase) x (precision), as scikit-learn's ``average_precision_score``."""
     tp64 = tp.to(torch.float64)
@@ -119,7 +179,7 @@ def _average_precision(tp: Tensor, fp: Tensor, n_pos: int) -> float:
     return float((recall_step * precision).sum())
 
 
-def _compute(id_scores: Tensor, ood_scores: Tensor, tpr: float) -> OODMetrics:
+def _compute(id_scores: Tensor, ood_scores: Tensor, tpr: float, fpr_rule: str = "exact") -> OODMetrics:
     n_id, n_ood = id_scores.numel(), ood_scores.numel()
     scores = torch.cat([id_scores, ood_scores]).to(torch.float64)
     is_id = torch.cat([torch.ones(n_id, dtype=torch.bool), torch.zeros(n_ood, dtype=torch.bool)])
@@ -132,15 +192,19 @@ def _compute(id_scores: Tensor, ood_scores: Tensor, tpr: float) -> OODMetrics:
     fp0 = torch.cat([fp.new_zeros(1), fp])
     twice_area = int(((fp0[1:] - fp0[:-1]) * (tp0[1:] + tp0[:-1])).sum())
 
+    fpr_at = _fpr_at_tpr if fpr_rule == "exact" else _fpr_at_nearest_tpr
     return OODMetrics(
-        fpr95=_fpr_at_tpr(tp, fp, n_id, n_ood, tpr),
-        fpr95_ood_positive=_fpr_at_tpr(tp_out, fp_out, n_ood, n_id, tpr),
+        fpr95=fpr_at(tp, fp, n_id, n_ood, tpr),
+        fpr95_ood_positive=fpr_at(tp_out, fp_out, n_ood, n_id, tpr),
         auroc=twice_area / (2 * n_id * n_ood),
         aupr_in=_average_precision(tp, fp, n_id),
         aupr_out=_average_precision(tp_out, fp_out, n_ood),
+        aupr_in_trapezoid=_trapezoid_aupr(tp, fp, n_id),
+        aupr_out_trapezoid=_trapezoid_aupr(tp_out, fp_out, n_ood),
         tpr=float(tpr),
         n_id=n_id,
         n_ood=n_ood,
+        fpr_rule=fpr_rule,
     )
 
 
@@ -152,7 +216,7 @@ def _check_same_dtype(id_scores: Tensor, ood_scores: Tensor, id_name: str, ood_n
         )
 
 
-def ood_metrics(id_scores: Any, ood_scores: Any, *, tpr: float = 0.95) -> OODMetrics:
+def ood_metrics(id_scores: Any, ood_scores: Any, *, tpr: float = 0.95, fpr_rule: FprRule = "exact") -> OODMetrics:
     """Compute FPR at ``tpr`` (both conventions), AUROC, AUPR-In and AUPR-Out from ID and OOD scores.
 
     Scores are *higher = more in-distribution*. With ``k_id = ceil(tpr * n_id)`` and
@@ -171,28 +235,38 @@ def ood_metrics(id_scores: Any, ood_scores: Any, *, tpr: float = 0.95) -> OODMet
     scikit-learn's ``roc_curve(..., drop_intermediate=False)``; OpenOOD keeps the default
     ``drop_intermediate=True``, which can drop that point when it is collinear with its neighbours).
     AUROC counts a tie between an ID and an OOD score as 1/2; the AUPRs equal scikit-learn's
-    ``average_precision_score`` (ID positive with the scores, OOD positive with the negated scores).
+    ``average_precision_score`` (ID positive with the scores, OOD positive with the negated scores), and the
+    ``*_trapezoid`` AUPRs equal ``sklearn.metrics.auc(recall, precision)`` (pytorch-ood, OpenOOD).
+
+    ``fpr_rule="nearest"`` reproduces the evaluation code of DREAM-OOD (and of VOS, NPOS and outlier exposure,
+    ``fpr_and_fdr_at_recall``): among the ROC points up to the first one with full TPR, the one whose TPR is
+    nearest to ``tpr`` in float64, the lower threshold on a tie of distances. With tied scores the TPR can jump
+    over ``tpr`` and that point may have a TPR *below* it (for example 0.9 instead of 1.0 for 10 ID samples),
+    which gives a lower FPR than the exact rule.
 
     Args:
         id_scores: Scores of the ID test samples, shape ``(N_id,)``; a tensor (any device), a NumPy array or a
             sequence of numbers.
         ood_scores: Scores of the OOD test samples, shape ``(N_ood,)``, with the same dtype as ``id_scores``.
         tpr: True-positive-rate level of the FPR fields, in ``(0, 1]``.
+        fpr_rule: ``"exact"`` (default) or ``"nearest"``, the threshold rule of both FPR fields.
 
     Returns:
         The metrics as fractions in ``[0, 1]``.
 
     Raises:
         TypeError: A score array is not numeric, or holds booleans or complex numbers.
-        ValueError: A score array is empty or not 1-D, the two dtypes differ, or ``tpr`` is outside ``(0, 1]``.
+        ValueError: A score array is empty or not 1-D, the two dtypes differ, ``tpr`` is outside ``(0, 1]`` or
+            ``fpr_rule`` is unknown.
         NonFiniteError: A score array holds NaN or infinite values (the message counts them and names the side);
             a subclass of ``ValueError``.
     """
     _check_tpr(tpr)
+    _check_fpr_rule(fpr_rule)
     id_tensor = _as_scores(id_scores, "id_scores")
     ood_tensor = _as_scores(ood_scores, "ood_scores")
     _check_same_dtype(id_tensor, ood_tensor, "id_scores", "ood_scores")
-    return _compute(id_tensor, ood_tensor, tpr)
+    return _compute(id_tensor, ood_tensor, tpr, fpr_rule)
 
 
 class OODMetricAccumulator:
@@ -201,16 +275,28 @@ class OODMetricAccumulator:
     Follows the torchmetrics pattern: :meth:`update` with each batch, :meth:`compute` at the end,
     :meth:`reset` to start again. Scores are stored detached on the CPU in their own dtype.
 
+    Under ``torchrun`` (a ``torch.distributed`` process group is initialised with more than one process),
+    :meth:`compute` gathers the scores of every process first, so each process computes the metrics of the whole
+    evaluation set, not of its shard. It is then a collective call: every process must call it. Note that
+    ``DistributedSampler`` pads the shards to equal length by repeating a few samples unless the dataset size is
+    a multiple of the number of processes; shard the data without padding for exact metrics.
+
     Args:
         tpr: True-positive-rate level of the FPR fields, in ``(0, 1]``.
+        fpr_rule: ``"exact"`` (default) or ``"nearest"``, see :func:`ood_metrics`.
+        sync_on_compute: Gather the scores across processes in :meth:`compute` when a process group is
+            initialised (no effect in a single process).
 
     Raises:
-        ValueError: ``tpr`` is outside ``(0, 1]``.
+        ValueError: ``tpr`` is outside ``(0, 1]`` or ``fpr_rule`` is unknown.
     """
 
-    def __init__(self, tpr: float = 0.95) -> None:
+    def __init__(self, tpr: float = 0.95, *, fpr_rule: FprRule = "exact", sync_on_compute: bool = True) -> None:
         _check_tpr(tpr)
+        _check_fpr_rule(fpr_rule)
         self.tpr = tpr
+        self.fpr_rule = fpr_rule
+        self.sync_on_compute = sync_on_compute
         self._id: list[Tensor] = []
         self._ood: list[Tensor] = []
 
@@ -247,20 +333,50 @@ class OODMetricAccumulator:
             self._add(ood_scores, "ood_scores", self._ood)
 
     def compute(self) -> OODMetrics:
-        """Compute the metrics over every batch added since the last :meth:`reset`.
+        """Compute the metrics over every batch added since the last :meth:`reset` (on every process).
 
         Returns:
-            The metrics of all accumulated scores.
+            The metrics of all accumulated scores, gathered across processes when a process group is
+            initialised and ``sync_on_compute`` is true.
 
         Raises:
-            ValueError: No ID or no OOD scores were added.
+            ValueError: No ID or no OOD scores were added (on any process), or processes hold scores of
+                different dtypes.
         """
-        for side, store in (("ID", self._id), ("OOD", self._ood)):
-            if not store:
+        id_scores = torch.cat(self._id) if self._id else None
+        ood_scores = torch.cat(self._ood) if self._ood else None
+        if self.sync_on_compute:
+            id_scores, ood_scores = _gather_scores(id_scores, ood_scores)
+        for side, scores in (("ID", id_scores), ("OOD", ood_scores)):
+            if scores is None:
                 raise ValueError(f"no {side} scores were added; call update({side.lower()}_scores=...) first")
-        return _compute(torch.cat(self._id), torch.cat(self._ood), self.tpr)
+        assert id_scores is not None and ood_scores is not None
+        _check_same_dtype(id_scores, ood_scores, "id_scores", "ood_scores")
+        return _compute(id_scores, ood_scores, self.tpr, self.fpr_rule)
 
     def reset(self) -> None:
         """Forget every score added so far."""
         self._id.clear()
         self._ood.clear()
+
+
+def _gather_scores(id_scores: Tensor | None, ood_scores: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Concatenate every process's scores in rank order when a process group of several processes is running."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return id_scores, ood_scores
+    gathered: list[Any] = [None] * dist.get_world_size()
+    # Objects, not tensors: the shards differ in length and may be empty, and this works with every backend.
+    dist.all_gather_object(gathered, (id_scores, ood_scores))
+    result: list[Tensor | None] = []
+    for side in (0, 1):
+        parts = [part[side] for part in gathered if part[side] is not None]
+        dtypes = {part.dtype for part in parts}
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"the processes hold {'ID' if side == 0 else 'OOD'} scores of different dtypes "
+                f"{sorted(map(str, dtypes))}; give every process scores of the same dtype"
+            )
+        result.append(torch.cat(parts) if parts else None)
+    return result[0], result[1]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dreamood.errors import ArtifactError
-from dreamood.evaluation.metrics import METRIC_NAMES
+from dreamood.evaluation.metrics import FPR_RULES, METRIC_NAMES, OPTIONAL_METRIC_NAMES
 from dreamood.io import atomic_write
 
 __all__ = ["OODReport", "OODReportRow", "metric_headers"]
@@ -29,7 +29,8 @@ def metric_headers(tpr: float = 0.95) -> dict[str, str]:
         tpr: The TPR level of the FPR metrics (0.95 gives ``"FPR95 (ID+)"``).
 
     Returns:
-        A dict from each name in :data:`~dreamood.evaluation.metrics.METRIC_NAMES` to its header.
+        A dict from each name in :data:`~dreamood.evaluation.metrics.METRIC_NAMES` and
+        :data:`~dreamood.evaluation.metrics.OPTIONAL_METRIC_NAMES` to its header.
     """
     level = f"{tpr * 100:g}"
     return {
@@ -38,6 +39,8 @@ def metric_headers(tpr: float = 0.95) -> dict[str, str]:
         "auroc": "AUROC",
         "aupr_in": "AUPR-In",
         "aupr_out": "AUPR-Out",
+        "aupr_in_trapezoid": "AUPR-In (trapz)",
+        "aupr_out_trapezoid": "AUPR-Out (trapz)",
     }
 
 
@@ -47,7 +50,8 @@ class OODReportRow:
 
     Attributes:
         name: The OOD set's name, or ``"Mean"`` for the mean row.
-        metrics: Value of each metric in :data:`~dreamood.evaluation.metrics.METRIC_NAMES`; with the ``paper``
+        metrics: Value of each metric in :data:`~dreamood.evaluation.metrics.METRIC_NAMES` (and of those of
+            :data:`~dreamood.evaluation.metrics.OPTIONAL_METRIC_NAMES` that were asked for); with the ``paper``
             protocol, the mean over the repeats.
         std: Standard deviation over the repeats (population, ``ddof=0``) for the ``paper`` protocol, else ``None``.
         n_ood: Number of OOD samples in each evaluation of this set; ``None`` for the mean row.
@@ -81,8 +85,9 @@ class OODReportRow:
             ArtifactError: ``data`` lacks a field or a metric.
         """
         try:
-            metrics = {name: float(data["metrics"][name]) for name in METRIC_NAMES}
-            std = None if data["std"] is None else {name: float(data["std"][name]) for name in METRIC_NAMES}
+            names = METRIC_NAMES + tuple(name for name in OPTIONAL_METRIC_NAMES if name in data["metrics"])
+            metrics = {name: float(data["metrics"][name]) for name in names}
+            std = None if data["std"] is None else {name: float(data["std"][name]) for name in names}
             n_ood = None if data["n_ood"] is None else int(data["n_ood"])
             return cls(name=str(data["name"]), metrics=metrics, std=std, n_ood=n_ood)
         except (KeyError, TypeError, ValueError) as error:
@@ -103,6 +108,8 @@ class OODReport:
         repeats: Number of repeats (1 for ``"full"``).
         seed: Seed of the subsampling (``None`` for ``"full"``).
         id_accuracy: Top-1 accuracy on the ID test set as a fraction, or ``None`` when not measured.
+        fpr_rule: Threshold rule of the FPR metrics, ``"exact"`` or ``"nearest"`` (see
+            :func:`~dreamood.evaluation.ood_metrics`).
     """
 
     rows: tuple[OODReportRow, ...]
@@ -113,6 +120,7 @@ class OODReport:
     repeats: int = 1
     seed: int | None = None
     id_accuracy: float | None = None
+    fpr_rule: str = "exact"
 
     def __getitem__(self, name: str) -> OODReportRow:
         """Return the row of the OOD set ``name`` (``"Mean"`` gives the mean row).
@@ -138,16 +146,21 @@ class OODReport:
         """Names of the OOD sets, in evaluation order."""
         return [row.name for row in self.rows]
 
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics the report holds, in table order."""
+        return METRIC_NAMES + tuple(name for name in OPTIONAL_METRIC_NAMES if name in self.mean.metrics)
+
     # ---- tables -------------------------------------------------------------------------------------------
 
     def _table(self) -> tuple[list[str], list[list[str]]]:
         """Header and body cells of the percentage table shared by markdown, CSV and ``str``."""
         headers = metric_headers(self.tpr)
-        header = ["OOD set", "N OOD"] + [headers[name] for name in METRIC_NAMES]
+        header = ["OOD set", "N OOD"] + [headers[name] for name in self.metric_names]
         body = []
         for row in (*self.rows, self.mean):
             cells = [row.name, "" if row.n_ood is None else str(row.n_ood)]
-            for name in METRIC_NAMES:
+            for name in self.metric_names:
                 cell = f"{100 * row.metrics[name]:.2f}"
                 if row.std is not None:
                     cell += f" ± {100 * row.std[name]:.2f}"
@@ -160,6 +173,8 @@ class OODReport:
         if self.protocol == "paper":
             parts.append(f"mean ± std over {self.repeats} repeats (seed {self.seed})")
         parts.append("values in %")
+        if self.fpr_rule != "exact":
+            parts.append(f"FPR threshold rule {self.fpr_rule!r}")
         convention = "ID+: ID is the positive class (the paper); OOD+: OOD is the positive class (OpenOOD v1.5)"
         return ", ".join(parts) + ".\n" + convention
 
@@ -194,7 +209,7 @@ class OODReport:
         """
         headers = metric_headers(self.tpr)
         header = ["OOD set", "N OOD"]
-        for name in METRIC_NAMES:
+        for name in self.metric_names:
             header.append(headers[name])
             if self.protocol == "paper":
                 header.append(f"{headers[name]} std")
@@ -205,7 +220,7 @@ class OODReport:
         writer.writerow(header)
         for row in (*self.rows, self.mean):
             cells = [row.name, "" if row.n_ood is None else str(row.n_ood)]
-            for name in METRIC_NAMES:
+            for name in self.metric_names:
                 cells.append(f"{100 * row.metrics[name]:.4f}")
                 if self.protocol == "paper":
                     cells.append("" if row.std is None else f"{100 * row.std[name]:.4f}")
@@ -250,6 +265,7 @@ class OODReport:
             "seed": self.seed,
             "n_id": self.n_id,
             "id_accuracy": self.id_accuracy,
+            "fpr_rule": self.fpr_rule,
             "rows": [row.to_dict() for row in self.rows],
             "mean": self.mean.to_dict(),
         }
@@ -270,6 +286,9 @@ class OODReport:
         try:
             accuracy = data["id_accuracy"]
             seed = data["seed"]
+            fpr_rule = str(data.get("fpr_rule", "exact"))  # absent from reports written before the option
+            if fpr_rule not in FPR_RULES:
+                raise ValueError(f"fpr_rule must be one of {FPR_RULES}, got {fpr_rule!r}")
             return cls(
                 rows=tuple(OODReportRow.from_dict(row) for row in data["rows"]),
                 mean=OODReportRow.from_dict(data["mean"]),
@@ -279,6 +298,7 @@ class OODReport:
                 repeats=int(data["repeats"]),
                 seed=None if seed is None else int(seed),
                 id_accuracy=None if accuracy is None else float(accuracy),
+                fpr_rule=fpr_rule,
             )
         except ArtifactError:
             raise

@@ -251,6 +251,9 @@ class BaselineRunner:
         }
         settings: dict[str, Any] = {
             "protocol": cfg.protocol,
+            "sample_size": cfg.ood_subsample,
+            "fpr_rule": cfg.fpr_rule,
+            "aupr_trapezoid": cfg.aupr_trapezoid,
             "repeats": cfg.repeats,
             "seed": self.pipe.config.seed,
             "device": self.pipe.device,

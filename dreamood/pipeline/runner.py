@@ -50,7 +50,7 @@ from dreamood.pipeline.stages import (
 if TYPE_CHECKING:
     from dreamood.anchors import TokenEmbeddings
     from dreamood.encoder import TextConditionedEncoder
-    from dreamood.evaluation import OODReport
+    from dreamood.evaluation import DetectorComparison, OODReport
     from dreamood.feature_bank import FeatureBank
     from dreamood.models import Classifier
     from dreamood.protocols import AnchorSource, EmbeddingDecoder, EmbeddingSampler
@@ -830,6 +830,45 @@ class Pipeline:
             logger.info("[generalization] skipped: %s exists", path)
             return cast(dict[str, float], json.loads(path.read_text()))
         return self.accuracy_table(model.to(self.device), path, "generalization")
+
+    def compare_detectors(self, model: nn.Module, detectors: str | Sequence[str] = "all") -> DetectorComparison:
+        """Evaluate the trained classifier under post-hoc detectors on the run's ID and OOD test sets.
+
+        The detectors are fitted on the ID training images without augmentation; the network's logits and
+        features are computed once and shared (:func:`~dreamood.evaluation.evaluate_detectors`). The table is
+        written to ``detectors/detectors.md`` and ``detectors/detectors.json``.
+
+        Args:
+            model: The trained classifier.
+            detectors: ``"all"`` (every applicable detector; one that cannot run on this model or data is listed
+                as skipped) or names from :data:`~dreamood.evaluation.DETECTORS`.
+
+        Returns:
+            The comparison.
+        """
+        from dreamood.evaluation import ModelParts, evaluate_detectors
+        from dreamood.pipeline.data import normalization_of
+
+        cfg = self.config.evaluation
+        ood = {name: self.loader(dataset, cfg.batch_size, shuffle=False) for name, dataset in self.data.ood.items()}
+        _, std = normalization_of(self.config.benchmark)
+        return evaluate_detectors(
+            model.to(self.device),
+            self.loader(self.data.test, cfg.batch_size, shuffle=False),
+            ood,
+            fit_loader=self.loader(self.data.bank, cfg.batch_size, shuffle=False),
+            detectors=detectors,
+            parts=ModelParts.from_classifier(model, input_std=std),
+            protocol=cfg.protocol,
+            repeats=cfg.repeats,
+            seed=self.config.seed,
+            fpr_rule=cfg.fpr_rule,  # type: ignore[arg-type]
+            aupr_trapezoid=cfg.aupr_trapezoid,
+            device=self.device,
+            progress_bar=self.config.progress,
+            output_dir=self.output_dir / "detectors" if is_main_process() else None,
+            errors="skip" if detectors == "all" else "raise",
+        )
 
     def accuracy_table(self, model: Callable[[Tensor], Tensor], path: Path, name: str) -> dict[str, float]:
         """Top-1 accuracy of ``model`` on the ID test set and each generalisation set, written to ``path``.

@@ -482,6 +482,8 @@ def _make_report(pipe: Pipeline, model: nn.Module) -> OODReport:
         progress=pipe.config.progress,
         accuracy=not outlier_class,
         sample_size=cfg.ood_subsample,
+        fpr_rule=cfg.fpr_rule,  # type: ignore[arg-type]
+        aupr_trapezoid=cfg.aupr_trapezoid,
     )
     ood = {name: pipe.loader(dataset, cfg.batch_size, shuffle=False) for name, dataset in pipe.data.ood.items()}
     test_loader = pipe.loader(pipe.data.test, cfg.batch_size, shuffle=False)
