@@ -395,3 +395,18 @@ def test_a_dry_run_checks_the_disk_space_for_the_images(
     (problem,) = preflight.check_requirements(pipe)
     assert problem.startswith("not enough disk space for the images: 16 images of 32x32 take about")
     assert preflight.check_requirements(Pipeline(*_smoke(finished_run))) == []  # nothing left to generate
+
+
+def test_infinite_logits_and_shrunk_decoder_training_images_are_not_silent() -> None:
+    import torch
+
+    from dreamood.decoding.in_domain import InDomainDiffusionDecoder
+    from dreamood.errors import NonFiniteError
+    from dreamood.evaluation import energy_score
+
+    with pytest.raises(NonFiniteError, match="logits contains 0 NaN and 1 infinite"):
+        energy_score(torch.tensor([[1.0, float("inf")], [0.0, 1.0]]))
+    decoder = InDomainDiffusionDecoder(["a", "b"], image_size=8, block_out_channels=(8, 16), device="cpu")
+    images, labels = torch.rand(4, 1, 16, 16), torch.tensor([0, 1, 0, 1])
+    with pytest.warns(UserWarning, match="the training images are 16x16 but the decoder's image_size is 8"):
+        decoder.fit((images, labels), 1, batch_size=4, show_progress=False)

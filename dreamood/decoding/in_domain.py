@@ -13,6 +13,7 @@ class token when sampling. A learned null embedding, used in place of the class 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -413,6 +414,14 @@ class InDomainDiffusionDecoder:
         images = images.detach().to("cpu", torch.float32)
         if images.shape[-2:] != (self.image_size, self.image_size):
             size = (self.image_size, self.image_size)
+            if max(images.shape[-2:]) > self.image_size:
+                warnings.warn(
+                    f"the training images are {images.shape[-2]}x{images.shape[-1]} but the decoder's image_size is "
+                    f"{self.image_size}: they are shrunk to {self.image_size}x{self.image_size} for training, and "
+                    f"the decoder renders images of that size (build it with image_size={max(images.shape[-2:])} "
+                    "to keep their detail)",
+                    stacklevel=3,
+                )
             images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
         return images.clamp(0.0, 1.0) * 2.0 - 1.0, labels.detach().to("cpu", torch.long)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dreamood._validation import check_choice, check_floating, check_positive, check_rank
+from dreamood._validation import check_choice, check_finite, check_floating, check_positive, check_rank
 
 __all__ = ["TEMPERATURE_FORMS", "energy_score", "max_logit_score", "msp_score", "outlier_class_score"]
 
@@ -47,8 +47,10 @@ def energy_score(logits: Tensor, temperature: float = 1.0, form: str = "free-ene
         TypeError: ``logits`` is not a floating-point tensor.
         ValueError: ``logits`` is not ``(N, C)`` with ``C >= 1``, ``temperature`` is not a finite number > 0,
             or ``form`` is unknown.
+        NonFiniteError: ``logits`` holds NaN or infinity.
     """
     _check_logits(logits)
+    check_finite(logits, "logits")  # an infinite logit would give an infinite score, not a ranking
     check_positive(temperature, "temperature")
     check_choice(form, TEMPERATURE_FORMS, "form")
     if form == "scaled-logsumexp":
