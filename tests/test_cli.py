@@ -343,6 +343,6 @@ def test_evaluate_compares_post_hoc_detectors_in_one_table(
     table = (out / "detectors" / "detectors.md").read_text()
     for name in ("MSP", "Energy", "KNN"):
         assert any(line.startswith(f"| {name} |") for line in table.splitlines()), table
-    assert table.strip() in printed
+        assert any(line.startswith(f"| {name} |") for line in printed.splitlines()), printed
     assert main(_smoke("evaluate", out, "-q", "--detectors", "msp,nonsense")) == 1
     assert "nonsense" in capsys.readouterr().err
