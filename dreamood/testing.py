@@ -27,6 +27,7 @@ __all__ = [
     "tiny_unet",
     "tiny_vae",
     "write_tiny_clip_tokenizer",
+    "write_tiny_lora",
 ]
 
 #: Words that the tiny tokenizer knows as single tokens: the default prompt's words and a few class names.
@@ -420,3 +421,46 @@ def tiny_sdxl_pipeline(
         scheduler=scheduler,
         add_watermarker=False,
     )
+
+
+def write_tiny_lora(
+    pipeline: Any,
+    directory: str | os.PathLike[str],
+    *,
+    rank: int = 2,
+    alpha: float = 2.0,
+    target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+    seed: int = 0,
+) -> Path:
+    """Write a random LoRA for ``pipeline``'s UNet in diffusers' format (``pytorch_lora_weights.safetensors``).
+
+    Both LoRA matrices are random (not the usual zero ``B``), so loading it changes the images. The pipeline is
+    left untouched (the LoRA is made on a copy of its UNet). Needs ``peft``.
+
+    Args:
+        pipeline: A Stable Diffusion or Stable Diffusion XL pipeline.
+        directory: Folder to write to.
+        rank: LoRA rank.
+        alpha: LoRA alpha (the update is ``alpha / rank * B A``).
+        target_modules: UNet attention projections the LoRA adapts.
+        seed: Seed of the LoRA matrices.
+
+    Returns:
+        ``directory``.
+    """
+    import copy
+
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = copy.deepcopy(pipeline.unet)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(config)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    type(pipeline).save_lora_weights(str(target), unet_lora_layers=layers, safe_serialization=True)
+    return target
