@@ -308,14 +308,10 @@ def tiny_sd2_pipeline(
     from transformers import CLIPTextModel, CLIPTokenizer
 
     write_tiny_clip_tokenizer(directory)
-    tokenizer = CLIPTokenizer.from_pretrained(
-        str(directory), model_max_length=77, pad_token="!", local_files_only=True
-    )
+    tokenizer = CLIPTokenizer.from_pretrained(str(directory), model_max_length=77, pad_token="!", local_files_only=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = _spread_table(
-            CLIPTextModel(_tiny_text_config(tokenizer, hidden_size, legacy_eos=True)), seed
-        )
+        text_encoder = _spread_table(CLIPTextModel(_tiny_text_config(tokenizer, hidden_size, legacy_eos=True)), seed)
         unet: Any = UNet2DConditionModel(  # type: ignore[no-untyped-call]
             sample_size=8,
             in_channels=4,
@@ -328,7 +324,8 @@ def tiny_sd2_pipeline(
             attention_head_dim=(2, 4),
             use_linear_projection=True,
             norm_num_groups=8,
-        ).eval()
+        )
+        unet.eval()
     scheduler = DDIMScheduler(  # type: ignore[no-untyped-call]
         **_sd_noise_schedule(),
         clip_sample=False,
@@ -407,7 +404,8 @@ def tiny_sdxl_pipeline(
             addition_time_embed_dim=time_embed_dim,
             projection_class_embeddings_input_dim=projection_dim + 6 * time_embed_dim,
             norm_num_groups=8,
-        ).eval()
+        )
+        unet.eval()
     scheduler = EulerDiscreteScheduler(  # type: ignore[no-untyped-call]
         **_sd_noise_schedule(), steps_offset=1, timestep_spacing="leading"
     )
@@ -428,7 +426,7 @@ def write_tiny_lora(
     directory: str | os.PathLike[str],
     *,
     rank: int = 2,
-    alpha: float = 2.0,
+    alpha: int = 2,
     target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
     seed: int = 0,
 ) -> Path:
@@ -450,7 +448,7 @@ def write_tiny_lora(
     """
     import copy
 
-    from diffusers.utils import convert_state_dict_to_diffusers
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
@@ -459,7 +457,7 @@ def write_tiny_lora(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet.add_adapter(config)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))  # type: ignore[no-untyped-call]
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
     type(pipeline).save_lora_weights(str(target), unet_lora_layers=layers, safe_serialization=True)

@@ -86,7 +86,9 @@ def test_anchor_is_both_rows_concatenated(pipeline: Any, anchors: TokenEmbedding
 
 def test_from_text_encoders_errors(pipeline: Any) -> None:
     with pytest.raises(ValueError, match="one tokenizer per text encoder"):
-        TokenEmbeddings.from_text_encoders([pipeline.tokenizer], [pipeline.text_encoder, pipeline.text_encoder_2], CLASSES)
+        TokenEmbeddings.from_text_encoders(
+            [pipeline.tokenizer], [pipeline.text_encoder, pipeline.text_encoder_2], CLASSES
+        )
 
     class Shifted:
         """A tokenizer that maps every name one id further."""

@@ -4,10 +4,10 @@ A diffusers model folder names its pipeline class in ``model_index.json`` (``"_c
 dreamood decodes with are those whose text side is one or more CLIP token-embedding tables, where a sampled
 vector can take a class token's place:
 
-| ``_class_name`` | decoder | anchors ``T(y)`` |
+| ``_class_name`` (models) | decoder | anchors ``T(y)`` |
 |---|---|---|
-| ``StableDiffusionPipeline`` (SD v1.x, SD 2.x, SD-Turbo) | ``StableDiffusionDecoder`` | the class's row of the CLIP table: 768-d (v1.x), 1024-d (2.x, SD-Turbo) |
-| ``StableDiffusionXLPipeline`` (SDXL base, SDXL-Turbo) | ``StableDiffusionXLDecoder`` | the rows of both tables, concatenated: 768 + 1280 = 2048-d |
+| ``StableDiffusionPipeline`` (SD 1.x, 2.x, SD-Turbo) | ``StableDiffusionDecoder`` | the CLIP row: 768-d, 1024-d (2.x) |
+| ``StableDiffusionXLPipeline`` (SDXL, SDXL-Turbo) | ``StableDiffusionXLDecoder`` | both rows: 768 + 1280 = 2048-d |
 
 :func:`load_decoder` and :func:`load_anchors` dispatch on the folder's pipeline class; :func:`check_anchors`
 tells, before any training, whether a set of anchors fits a decoder or a model folder. Any other pipeline class
@@ -73,7 +73,7 @@ UNSUPPORTED: dict[str, str] = {
         "Kandinsky 2.2 is conditioned on CLIP *image* embeddings made by a separate prior; a backend would inject "
         "into the prior's text encoder and run the prior and the decoder"
     ),
-    "KandinskyV22CombinedPipeline": "Kandinsky 2.2 conditions on image embeddings from a prior (see KandinskyV22Pipeline)",
+    "KandinskyV22CombinedPipeline": "Kandinsky 2.2 conditions on image embeddings made by a separate prior",
     "LatentConsistencyModelPipeline": (
         "a fully LCM-distilled model; use its base Stable Diffusion model with an LCM-LoRA instead "
         "(scheduler='lcm', lora=<LCM-LoRA folder>)"
@@ -266,7 +266,9 @@ def load_decoder(
         )
     from dreamood.decoding.stable_diffusion import StableDiffusionDecoder
 
-    return StableDiffusionDecoder.from_pretrained(info.source, class_names, local_files_only=local_files_only, **settings)
+    return StableDiffusionDecoder.from_pretrained(
+        info.source, class_names, local_files_only=local_files_only, **settings
+    )
 
 
 def load_anchors(
@@ -305,7 +307,9 @@ def load_anchors(
     except ModelNotFoundError as error:
         if "model_index.json" not in str(error):
             raise
-        return TokenEmbeddings.from_pretrained(model, class_names, subword, local_files_only=local_files_only, device=device)
+        return TokenEmbeddings.from_pretrained(
+            model, class_names, subword, local_files_only=local_files_only, device=device
+        )
     if info.family == "stable-diffusion":
         return TokenEmbeddings.from_pretrained(
             info.source, class_names, subword, local_files_only=local_files_only, device=device
@@ -314,7 +318,9 @@ def load_anchors(
 
     kwargs: dict[str, Any] = {"local_files_only": local_files_only}
     try:
-        tokenizers = [CLIPTokenizer.from_pretrained(info.source, subfolder=sub, **kwargs) for sub in ("tokenizer", "tokenizer_2")]
+        tokenizers = [
+            CLIPTokenizer.from_pretrained(info.source, subfolder=sub, **kwargs) for sub in ("tokenizer", "tokenizer_2")
+        ]
         encoders = [
             CLIPTextModel.from_pretrained(info.source, subfolder="text_encoder", **kwargs),
             CLIPTextModelWithProjection.from_pretrained(info.source, subfolder="text_encoder_2", **kwargs),

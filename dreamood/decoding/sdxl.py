@@ -170,7 +170,9 @@ class StableDiffusionXLDecoder:
     ) -> None:
         for part in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae", "scheduler"):
             if getattr(pipeline, part, None) is None:
-                raise ValueError(f"pipeline has no {part}; a Stable Diffusion XL pipeline with two text encoders is needed")
+                raise ValueError(
+                    f"pipeline has no {part}; a Stable Diffusion XL pipeline with two text encoders is needed"
+                )
         check_positive_int(num_inference_steps, "num_inference_steps")
         check_positive(float(guidance_scale), "guidance_scale", allow_zero=True)
         if negative_prompt is not None and not isinstance(negative_prompt, str):
@@ -189,7 +191,8 @@ class StableDiffusionXLDecoder:
             positions = int(getattr(encoder.config, "max_position_embeddings", window))
             if window > positions:
                 raise ValueError(
-                    f"tokenizer {index + 1}'s model_max_length ({window}) exceeds its text encoder's {positions} positions"
+                    f"tokenizer {index + 1}'s model_max_length ({window}) exceeds its text encoder's "
+                    f"{positions} positions"
                 )
 
         self.pipeline: Any = pipeline
@@ -556,9 +559,7 @@ class StableDiffusionXLDecoder:
         """
         texts = self._check_prompts(prompts)
         seed_list = self._check_seeds(seeds, len(texts))
-        chunks = [
-            self._render(*self._encode_texts(texts[part]), seed_list[part]) for part in self._slices(len(texts))
-        ]
+        chunks = [self._render(*self._encode_texts(texts[part]), seed_list[part]) for part in self._slices(len(texts))]
         return self._join(chunks)
 
     def _slices(self, count: int) -> Iterator[slice]:

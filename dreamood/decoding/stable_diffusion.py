@@ -62,7 +62,7 @@ _SD_PARTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 
 
 def _make_scheduler(name: str, scheduler: Any) -> Any:
-    """A scheduler of kind ``name`` built from a pipeline's scheduler (see :func:`~dreamood.decoding.few_step.make_scheduler`)."""
+    """A scheduler of kind ``name`` from a pipeline's scheduler (:func:`~dreamood.decoding.few_step.make_scheduler`)."""
     return make_scheduler(name, scheduler)
 
 
