@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "TINY_FAMILIES",
     "TINY_WORDS",
     "tiny_clip_text_encoder",
     "tiny_clip_tokenizer",
@@ -28,6 +29,7 @@ __all__ = [
     "tiny_vae",
     "write_tiny_clip_tokenizer",
     "write_tiny_lora",
+    "write_tiny_model",
 ]
 
 #: Words that the tiny tokenizer knows as single tokens: the default prompt's words and a few class names.
@@ -461,4 +463,46 @@ def write_tiny_lora(
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
     type(pipeline).save_lora_weights(str(target), unet_lora_layers=layers, safe_serialization=True)
+    return target
+
+
+#: Model families :func:`write_tiny_model` can write.
+TINY_FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
+
+
+def write_tiny_model(directory: str | os.PathLike[str], family: str = "sd1", *, seed: int = 0) -> Path:
+    """Save a tiny random model folder of ``family`` as real weights are laid out (``model_index.json`` and parts).
+
+    ``"sd1"`` is :func:`tiny_stable_diffusion_pipeline`, ``"sd2"`` :func:`tiny_sd2_pipeline`, ``"sdxl"``
+    :func:`tiny_sdxl_pipeline`. Each tokenizer folder also gets the original CLIP files ``vocab.json`` and
+    ``merges.txt``. Load it back with :func:`dreamood.decoding.backends.load_decoder` and
+    :func:`~dreamood.decoding.backends.load_anchors`.
+
+    Args:
+        directory: Folder to write (created).
+        family: ``"sd1"``, ``"sd2"`` or ``"sdxl"``.
+        seed: Seed of the random weights.
+
+    Returns:
+        ``directory``.
+
+    Raises:
+        ValueError: ``family`` is unknown.
+    """
+    import tempfile
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(map(repr, TINY_FAMILIES))}, got {family!r}")
+    target = Path(directory)
+    with tempfile.TemporaryDirectory() as scratch:
+        if family == "sd1":
+            pipeline = tiny_stable_diffusion_pipeline(scratch, seed=seed)
+        elif family == "sd2":
+            pipeline = tiny_sd2_pipeline(scratch, seed=seed)
+        else:
+            pipeline = tiny_sdxl_pipeline(scratch, seed=seed)
+        pipeline.save_pretrained(str(target))
+    for folder in ("tokenizer", "tokenizer_2"):
+        if (target / folder).is_dir():
+            write_tiny_clip_tokenizer(target / folder)
     return target

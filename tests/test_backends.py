@@ -200,3 +200,28 @@ def test_missing_models(tmp_path: Path) -> None:
     (tmp_path / "bad" / "model_index.json").write_text("{not json")
     with pytest.raises(ModelNotFoundError, match="not valid JSON"):
         inspect_model(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_generation_stage_runs_on_every_backend(tmp_path: Path, family: str) -> None:
+    # The pipeline's anchors -> sampled embeddings -> images path, on a model folder of each family.
+    from PIL import Image
+
+    from dreamood.decoding.generation import generate_images
+    from dreamood.sampling.samples import EmbeddingSamples
+    from dreamood.testing import write_tiny_model
+
+    model = write_tiny_model(tmp_path / family, family)
+    anchors = load_anchors(model, CLASSES)
+    decoder = load_decoder(model, CLASSES, device="cpu", output_size=16, **SETTINGS)
+    check_anchors(anchors, decoder)
+    noise = torch.randn(4, anchors.dim, generator=torch.Generator().manual_seed(0))
+    vectors = torch.nn.functional.normalize(anchors.vectors[[0, 0, 2, 2]] + 0.1 * noise, dim=1)
+    vectors = vectors * anchors.norms[[0, 0, 2, 2], None]
+    samples = EmbeddingSamples(vectors, torch.tensor([0, 0, 2, 2]))
+    result = generate_images(decoder, samples, tmp_path / "images", batch_size=2, show_progress=False)
+    assert result.generated == 4
+    files = sorted((tmp_path / "images").glob("*/*.png"))
+    assert [path.parent.name for path in files] == ["0", "0", "2", "2"]
+    with Image.open(files[0]) as image:
+        assert image.size == (16, 16)
