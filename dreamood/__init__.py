@@ -75,9 +75,9 @@ if TYPE_CHECKING:
     from dreamood.anchors import TokenEmbeddings
     from dreamood.config import PipelineConfig, load_config
     from dreamood.data.generated import GeneratedImageFolder
+    from dreamood.decoding.backends import load_anchors, load_decoder
     from dreamood.decoding.generation import generate_images
     from dreamood.decoding.in_domain import InDomainDiffusionDecoder
-    from dreamood.decoding.backends import load_anchors, load_decoder
     from dreamood.decoding.sdxl import StableDiffusionXLDecoder
     from dreamood.decoding.stable_diffusion import StableDiffusionDecoder
     from dreamood.encoder import TextConditionedEncoder, fit_encoder
