@@ -141,3 +141,23 @@ def test_few_step_settings_keep_anchor_decoding_exact(
     torch.testing.assert_close(images[1:], reference, rtol=0, atol=1e-5)
     single = decoder.decode(anchors.vectors[1:], torch.tensor([1]), [6])
     assert torch.equal(single, reference)
+
+
+def test_lora_is_part_of_the_decoder_config(models: dict[str, Path], tmp_path: Path) -> None:
+    from dreamood.decoding.generation import decoder_config_hash
+
+    plain = load_decoder(models["sd"], CLASSES, **SETTINGS)
+    with_lora = load_decoder(models["sd"], CLASSES, lora=models["sd-lora"], **SETTINGS)
+    assert "lora" not in plain.config and plain.lora is None
+    assert with_lora.config["lora"]["scale"] == 1.0 and len(with_lora.config["lora"]["sha256"]) == 64
+    assert decoder_config_hash(with_lora) != decoder_config_hash(plain)
+    # The same weights elsewhere: the same configuration; another scale or another LoRA: another one.
+    import shutil
+
+    shutil.copytree(models["sd-lora"], tmp_path / "moved")
+    moved = load_decoder(models["sd"], CLASSES, lora=tmp_path / "moved", **SETTINGS)
+    assert decoder_config_hash(moved) == decoder_config_hash(with_lora)
+    half = load_decoder(models["sd"], CLASSES, lora=models["sd-lora"], lora_scale=0.5, **SETTINGS)
+    assert decoder_config_hash(half) != decoder_config_hash(with_lora)
+    xl = load_decoder(models["sdxl"], CLASSES, lora=models["sdxl-lora"], **SETTINGS)
+    assert xl.config["lora"]["sha256"] != with_lora.config["lora"]["sha256"]

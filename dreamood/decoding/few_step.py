@@ -77,7 +77,7 @@ def apply_lora(
     scale: float = 1.0,
     weight_name: str | None = None,
     local_files_only: bool = True,
-) -> None:
+) -> dict[str, Any]:
     """Load LoRA weights into a diffusers pipeline and fuse them into its weights, in place.
 
     The LoRA is loaded with the pipeline's own ``load_lora_weights`` (UNet and, when the file holds them, the
@@ -96,12 +96,18 @@ def apply_lora(
         weight_name: File name inside the folder, when not the default one.
         local_files_only: Never download (a model id must be in the Hugging Face cache).
 
+    Returns:
+        What identifies the change, for a decoder's ``config``: ``{"sha256": <hash of the LoRA tensors>,
+        "scale": scale}`` (the same weights in another folder give the same hash).
+
     Raises:
         ImportError: ``peft`` is not installed (diffusers needs it to load LoRA weights).
         ModelNotFoundError: The LoRA weights are missing or cannot be read.
         ValueError: ``scale`` is not finite.
     """
     import importlib.util
+
+    import torch
 
     from dreamood.errors import ModelNotFoundError
 
@@ -119,6 +125,7 @@ def apply_lora(
     elif local_files_only and not os.path.isdir(source) and source.startswith((".", "/", "~")):
         raise ModelNotFoundError(f"LoRA weights {source!r} not found: no such file or folder")
     try:
+        loaded = pipeline.lora_state_dict(source, **kwargs)
         pipeline.load_lora_weights(source, adapter_name="dreamood_lora", **kwargs)
     except (OSError, ValueError, KeyError) as error:
         detail = " ".join(str(error).split())[:300]
@@ -127,5 +134,28 @@ def apply_lora(
             "folder with pytorch_lora_weights.safetensors, a .safetensors file, or a cached model id (download it "
             f"once with `hf download {os.fspath(lora)} --local-dir <folder>`)"
         ) from error
+    # lora_state_dict gives (state dict, network alphas[, metadata]); alphas scale the update too.
+    state = dict(loaded[0])
+    alphas = loaded[1] if len(loaded) > 1 and isinstance(loaded[1], dict) else {}
+    state.update({f"alpha:{name}": torch.tensor(float(value)) for name, value in alphas.items()})
+    digest = _tensors_sha256(state)
     pipeline.fuse_lora(lora_scale=float(scale), adapter_names=["dreamood_lora"])
     pipeline.unload_lora_weights()
+    return {"sha256": digest, "scale": float(scale)}
+
+
+def _tensors_sha256(tensors: dict[str, Any]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a state dict, in sorted name order."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()

@@ -151,6 +151,9 @@ class StableDiffusionXLDecoder:
             ``{}``, a class name does not appear as its own tokens in its prompt, or a prompt is too long.
     """
 
+    #: The LoRA fused into the pipeline by :meth:`from_pretrained` (its tensors' hash and scale), or ``None``.
+    lora: dict[str, Any] | None = None
+
     def __init__(
         self,
         pipeline: Any,
@@ -299,10 +302,12 @@ class StableDiffusionXLDecoder:
                 "--local-dir <folder>`)"
             ) from error
         pipeline.scheduler = make_scheduler(scheduler, pipeline.scheduler)
+        lora_config = None
         if lora is not None:
-            apply_lora(pipeline, lora, scale=lora_scale, local_files_only=local_files_only)
+            lora_config = apply_lora(pipeline, lora, scale=lora_scale, local_files_only=local_files_only)
         pipeline.to(target)
         decoder = cls(pipeline, class_names, **kwargs)
+        decoder.lora = lora_config
         return decoder.enable_speedups(
             sdpa=sdpa,
             channels_last=channels_last,
@@ -405,6 +410,7 @@ class StableDiffusionXLDecoder:
             "width": self.width,
             "output_size": None if self.output_size is None else list(self.output_size),
             "resize_mode": self.resize_mode,
+            **({} if self.lora is None else {"lora": self.lora}),
         }
 
     @property
