@@ -229,3 +229,34 @@ def test_from_pretrained_roundtrip(pipeline: Any, anchors: TokenEmbeddings, tmp_
     assert loaded.pipeline.watermark is None
     images = loaded.decode(anchors.vectors[:1], torch.tensor([0]), [5])
     assert torch.equal(images, _reference(pipeline, TEMPLATE.format("cat"), 5, 5.0))
+
+
+def test_speedups_change_images_only_within_numerics(pipeline: Any, anchors: TokenEmbeddings, tmp_path: Path) -> None:
+    pipeline.save_pretrained(tmp_path / "sdxl")
+    options: dict[str, Any] = {"num_inference_steps": STEPS, "height": SIZE, "width": SIZE, "progress": False}
+    fast = StableDiffusionXLDecoder.from_pretrained(
+        tmp_path / "sdxl", CLASSES, device="cpu", channels_last=True, fuse_qkv_projections=True, **options
+    )
+    assert {type(p).__name__ for p in fast.pipeline.unet.attn_processors.values()} == {"FusedAttnProcessor2_0"}
+    images = fast.decode(anchors.vectors[:2], torch.tensor([0, 1]), [5, 6])
+    reference = StableDiffusionXLDecoder(pipeline, CLASSES, **options).decode(
+        anchors.vectors[:2], torch.tensor([0, 1]), [5, 6]
+    )
+    torch.testing.assert_close(images, reference, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        fast.enable_speedups(compile=True, compile_mode="fastest")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_half_precision_matches_the_plain_pipeline(tmp_path: Path) -> None:
+    pipeline = tiny_sdxl_pipeline(tmp_path, hidden_sizes=WIDTHS).to("cuda", torch.float16)
+    decoder = StableDiffusionXLDecoder(
+        pipeline, CLASSES, num_inference_steps=STEPS, height=SIZE, width=SIZE, progress=False
+    )
+    anchors = TokenEmbeddings.from_text_encoders(
+        [pipeline.tokenizer, pipeline.tokenizer_2], [pipeline.text_encoder, pipeline.text_encoder_2], CLASSES
+    )
+    images = decoder.decode(anchors.vectors[:1].cuda(), torch.tensor([0]), [2])
+    reference = _reference(pipeline, TEMPLATE.format("cat"), 2, 5.0)
+    assert images.device.type == "cuda" and images.dtype == torch.float32
+    torch.testing.assert_close(images, reference.float(), atol=2e-3, rtol=0)
