@@ -23,8 +23,20 @@ around the timer. Rows:
 * ``vae_decode_<n>``: the VAE decoder alone (channels-last, fused QKV, eager) on batches of ``n`` latents.
 * ``dpm_solver``: the fast configuration with DPM-Solver++ and ``--dpm-steps`` steps. LESS WORK than the
   other rows (fewer UNet evaluations); not comparable as a speed-up of the same computation.
+* ``lcm_lora``: the fast configuration with an LCM-LoRA fused into the UNet (``--lcm-lora``, else a random LoRA
+  of the same architecture: fused, its rank costs nothing), the LCM scheduler, ``--lcm-steps`` steps and no
+  guidance. LESS WORK (4 UNet evaluations per image instead of 100).
+* ``turbo``: the fast configuration with Euler and "trailing" timesteps (the scheduler SD-Turbo and SDXL-Turbo
+  ship), ``--turbo-steps`` steps, no guidance: the work of a Turbo model. LESS WORK. Without ``--model`` the UNet is
+  SD v1.4's; SD-Turbo's (the SD 2.1 UNet) costs about the same per step.
 * ``plain_fp32``: the plain pipeline in float32 on ``--check-images`` images, the yardstick of half-precision
   tolerance for the image comparisons.
+
+Image checks of the LESS WORK rows: their images cannot agree with the 50-step ones (another sampler, another
+image), so each is compared with the plain diffusers pipeline run *with the same setting* (scheduler, LoRA, steps,
+guidance) on the same prompts and seeds (``agreement_with_plain_same_setting``: the decoder's exactness under
+that setting), and ``image_stats`` records the pixel standard deviation and the fraction of saturated pixels, which
+flag black, flat or blown-out images.
 
 Image agreement: every row that renders the first ``--check-images`` images (same prompts, token embeddings
 and seeds as the ``plain`` row) is compared with the plain pipeline's images as 8-bit pixels: max and mean
@@ -91,6 +103,8 @@ class Setup:
     steps: int = 50
     less_work: bool = False
     writer_threads: int = 0
+    guidance_scale: float | None = None  # None: --guidance-scale
+    lora: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,6 +123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timed-batches", type=int, default=None, help="timed batches per row (default 2)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="steps of the warm-up batch (default 3)")
     parser.add_argument("--dpm-steps", type=int, default=None, help="steps of the dpm_solver row (default 25)")
+    parser.add_argument("--lcm-steps", type=int, default=None, help="steps of the lcm_lora row (default 4)")
+    parser.add_argument("--turbo-steps", type=int, default=None, help="steps of the turbo row (default 1)")
+    parser.add_argument("--lcm-lora", default=None, help="LCM-LoRA folder (default: a random LoRA, same cost)")
     parser.add_argument("--output-size", type=int, default=None, help="size images are saved at (default: --size)")
     parser.add_argument("--check-images", type=int, default=None, help="images compared with plain (default 16)")
     parser.add_argument("--writer-threads", type=int, default=4, help="PNG writer threads of generate_images")
@@ -129,6 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "timed_batches": 2,
         "warmup_steps": 3,
         "dpm_steps": 25,
+        "lcm_steps": 4,
+        "turbo_steps": 1,
         "check_images": 16,
         "compile_backend": "inductor",
     }
@@ -143,6 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "timed_batches": 1,
         "warmup_steps": 1,
         "dpm_steps": 2,
+        "lcm_steps": 2,
+        "turbo_steps": 1,
         "check_images": 2,
         "compile_backend": "eager",
     }
@@ -151,7 +172,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.tiny and args.model:
         parser.error("--tiny builds its own tiny models; drop --model")
-    for name in ("size", "steps", "batch_size", "timed_batches", "warmup_steps", "dpm_steps", "check_images"):
+    positive = ("size", "steps", "batch_size", "timed_batches", "warmup_steps", "dpm_steps", "lcm_steps", "turbo_steps")
+    for name in (*positive, "check_images"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.size % 8:
@@ -219,6 +241,23 @@ def setups(args: argparse.Namespace) -> dict[str, Setup]:
         description=f"fast, DPM-Solver++ {args.dpm_steps} steps -- LESS WORK",
         scheduler="dpm++",
         steps=args.dpm_steps,
+        less_work=True,
+    )
+    rows["lcm_lora"] = replace(
+        fast,
+        description=f"fast, LCM-LoRA fused, LCM scheduler, {args.lcm_steps} steps, no guidance -- LESS WORK",
+        scheduler="lcm",
+        steps=args.lcm_steps,
+        guidance_scale=1.0,
+        lora=True,
+        less_work=True,
+    )
+    rows["turbo"] = replace(
+        fast,
+        description=f"fast, Euler trailing (Turbo), {args.turbo_steps} step(s), no guidance -- LESS WORK",
+        scheduler="turbo",
+        steps=args.turbo_steps,
+        guidance_scale=0.0,
         less_work=True,
     )
     rows["plain_fp32"] = Setup(
@@ -323,22 +362,25 @@ def build_pipeline(args: argparse.Namespace, dtype: str) -> Any:
 
 def build_decoder(args: argparse.Namespace, setup: Setup) -> tuple[Any, torch.Tensor]:
     """The decoder of a setup with its levers switched on, and the class anchors T(y) (float32, on the device)."""
-    from diffusers import DPMSolverMultistepScheduler
+    from diffusers import EulerDiscreteScheduler
 
     from dreamood.anchors import TokenEmbeddings
+    from dreamood.decoding.few_step import apply_lora, make_scheduler
     from dreamood.decoding.stable_diffusion import StableDiffusionDecoder
 
     pipeline = build_pipeline(args, setup.dtype)
-    if setup.scheduler == "dpm++":
-        pipeline.scheduler = DPMSolverMultistepScheduler.from_config(
-            pipeline.scheduler.config, algorithm_type="dpmsolver++"
-        )
+    if setup.lora:
+        apply_lora(pipeline, lora_folder(args, pipeline))
+    if setup.scheduler == "turbo":
+        pipeline.scheduler = EulerDiscreteScheduler.from_config(pipeline.scheduler.config, timestep_spacing="trailing")
+    elif setup.scheduler != "pndm":
+        pipeline.scheduler = make_scheduler(setup.scheduler, pipeline.scheduler)
     decoder = StableDiffusionDecoder(
         pipeline,
         CLASS_NAMES,
         prompt_template=PROMPT_TEMPLATE,
         num_inference_steps=setup.steps,
-        guidance_scale=args.guidance_scale,
+        guidance_scale=guidance(args, setup),
         height=args.size,
         width=args.size,
         output_size=args.output_size,
@@ -358,6 +400,51 @@ def build_decoder(args: argparse.Namespace, setup: Setup) -> tuple[Any, torch.Te
         pipeline.tokenizer, pipeline.text_encoder, CLASS_NAMES, check_vocab=False, device=args.device
     )
     return decoder, anchors.vectors.float()
+
+
+def guidance(args: argparse.Namespace, setup: Setup) -> float:
+    return args.guidance_scale if setup.guidance_scale is None else setup.guidance_scale
+
+
+def lora_folder(args: argparse.Namespace, pipeline: Any) -> str:
+    """``--lcm-lora``, or a random LoRA of the pipeline's UNet written once (fused, it costs what LCM's costs)."""
+    if args.lcm_lora:
+        return str(args.lcm_lora)
+    from dreamood.testing import write_tiny_lora
+
+    folder = Path(args.work_dir) / "random-lora"
+    if not (folder / "pytorch_lora_weights.safetensors").is_file():
+        write_tiny_lora(pipeline, folder, rank=8, alpha=1, seed=args.seed)
+    return str(folder)
+
+
+def image_stats(pixels: torch.Tensor) -> dict[str, float]:
+    """Pixel standard deviation (in [0, 1] units) and saturated fraction of 8-bit images: black or flat images show."""
+    values = pixels.double() / 255.0
+    return {
+        "pixel_std": float(values.std()),
+        "saturated_pixel_fraction": float(((pixels == 0) | (pixels == 255)).double().mean()),
+    }
+
+
+def plain_same_setting(args: argparse.Namespace, setup: Setup, run: DecoderRun, count: int) -> torch.Tensor:
+    """The plain pipeline call (prompt text, no injection) with the row's setting on its first ``count`` images."""
+    pipeline = run.decoder.pipeline
+    prompts = [PROMPT_TEMPLATE.format(CLASS_NAMES[int(label)]) for label in run.labels[:count]]
+    images = pipeline(
+        prompt=prompts,
+        num_inference_steps=setup.steps,
+        guidance_scale=guidance(args, setup),
+        height=args.size,
+        width=args.size,
+        generator=[torch.Generator().manual_seed(seed) for seed in run.seeds[:count]],
+        output_type="pt",
+    ).images.float()
+    if args.output_size is not None and images.shape[-1] != args.output_size:
+        import torch.nn.functional as F
+
+        images = F.interpolate(images, size=args.output_size, mode="bilinear", antialias=True).clamp(0.0, 1.0)
+    return to_uint8(images).cpu()
 
 
 # ---- measurements ---------------------------------------------------------------------------------------------
@@ -458,7 +545,11 @@ def measure_decode(args: argparse.Namespace, setup: Setup, device: torch.device)
             pixels = run.decode(slice(start, start + setup.batch_size))
         seconds += timed
         first = pixels[: args.check_images].clone() if first is None else first
-    return Measurement(len(run.seeds), seconds, run.warmup_seconds, check=first)
+    extra = None
+    if setup.less_work and first is not None:
+        reference = plain_same_setting(args, setup, run, len(first))
+        extra = {"agreement_with_plain_same_setting": agreement(first, reference), "image_stats": image_stats(first)}
+    return Measurement(len(run.seeds), seconds, run.warmup_seconds, check=first, extra=extra)
 
 
 def measure_generate(args: argparse.Namespace, setup: Setup, device: torch.device, name: str) -> Measurement:

@@ -27,6 +27,9 @@ _EXPORTS: dict[str, str] = {
     "kth_neighbor_distance": "dreamood.knn",
     # Decoding
     "StableDiffusionDecoder": "dreamood.decoding.stable_diffusion",
+    "StableDiffusionXLDecoder": "dreamood.decoding.sdxl",
+    "load_decoder": "dreamood.decoding.backends",
+    "load_anchors": "dreamood.decoding.backends",
     "InDomainDiffusionDecoder": "dreamood.decoding.in_domain",
     "generate_images": "dreamood.decoding.generation",
     "GeneratedImageFolder": "dreamood.data.generated",
@@ -72,8 +75,10 @@ if TYPE_CHECKING:
     from dreamood.anchors import TokenEmbeddings
     from dreamood.config import PipelineConfig, load_config
     from dreamood.data.generated import GeneratedImageFolder
+    from dreamood.decoding.backends import load_anchors, load_decoder
     from dreamood.decoding.generation import generate_images
     from dreamood.decoding.in_domain import InDomainDiffusionDecoder
+    from dreamood.decoding.sdxl import StableDiffusionXLDecoder
     from dreamood.decoding.stable_diffusion import StableDiffusionDecoder
     from dreamood.encoder import TextConditionedEncoder, fit_encoder
     from dreamood.errors import ArtifactError, DreamoodError, ModelNotFoundError, NonFiniteError, NotFittedError

@@ -288,6 +288,64 @@ class TokenEmbeddings:
         tokenizer, text_encoder = _load_tokenizer_and_text_encoder(os.fspath(model_id_or_path), local_files_only)
         return cls.from_text_encoder(tokenizer, text_encoder, class_names, subword, words=words, device=device)
 
+    @classmethod
+    def from_text_encoders(
+        cls,
+        tokenizers: Sequence[Any],
+        text_encoders: Sequence[Any],
+        class_names: Sequence[str],
+        subword: str = "mean",
+        *,
+        check_vocab: bool = True,
+        device: DeviceLike = "cpu",
+    ) -> TokenEmbeddings:
+        """Anchors of a model with several text encoders: each class's rows of every table, concatenated.
+
+        Stable Diffusion XL conditions on two text encoders (CLIP ViT-L, 768-d, and OpenCLIP ViT-bigG,
+        1280-d). Its anchor of a class is ``[T_1(y), T_2(y)]``, the class name's row of the first input
+        token-embedding table followed by its row of the second (2048-d); a decoder splits a vector at the
+        same widths again and injects each part into its own encoder (see
+        :class:`~dreamood.decoding.sdxl.StableDiffusionXLDecoder`). Each part is taken exactly as
+        :meth:`from_text_encoder` takes it, with the same ``subword`` policy.
+
+        Args:
+            tokenizers: One tokenizer per text encoder, in the model's order.
+            text_encoders: The text encoders, in the model's order.
+            class_names: Class names, indexed by label.
+            subword: Multi-token policy, ``"mean"`` or ``"first"``.
+            check_vocab: As in :meth:`from_text_encoder`, for every pair.
+            device: Device of the returned vectors.
+
+        Returns:
+            The concatenated anchors, with the token ids of the first tokenizer.
+
+        Raises:
+            ValueError: The sequences are empty or of different lengths, the tokenizers split a class name into
+                different token ids (the parts would not stand for the same tokens), or as
+                :meth:`from_text_encoder`.
+        """
+        if len(tokenizers) != len(text_encoders) or not tokenizers:
+            raise ValueError(
+                f"give one tokenizer per text encoder (at least one), got {len(tokenizers)} tokenizers and "
+                f"{len(text_encoders)} text encoders"
+            )
+        parts = [
+            cls.from_text_encoder(tokenizer, encoder, class_names, subword, check_vocab=check_vocab, device=device)
+            for tokenizer, encoder in zip(tokenizers, text_encoders)
+        ]
+        for index, part in enumerate(parts[1:], start=1):
+            for name, first, other in zip(part.class_names, parts[0].token_ids, part.token_ids):
+                if first != other:
+                    raise ValueError(
+                        f"tokenizer {index} splits class name {name!r} into token ids {other} but tokenizer 0 into "
+                        f"{first}; the anchor's parts must stand for the same tokens"
+                    )
+        dtype = parts[0].vectors.dtype
+        for part in parts[1:]:
+            dtype = torch.promote_types(dtype, part.vectors.dtype)
+        vectors = torch.cat([part.vectors.to(dtype) for part in parts], dim=1)
+        return cls(parts[0].class_names, vectors, token_ids=parts[0].token_ids, policy=subword)
+
 
 _LAYOUTS = (
     "either a Stable Diffusion folder with tokenizer/ (vocab.json, merges.txt) and text_encoder/ (config.json, "

@@ -308,7 +308,9 @@ class GenerationConfig:
         save_size: Side of the saved images (256 in the paper); none keeps the rendered size.
         images_per_class: Images rendered per class (from the first sampled embeddings of the class).
         batch_size: Images rendered together.
-        scheduler: ``"pndm"`` (PLMS, the paper's), ``"ddim"`` or ``"dpm++"``.
+        scheduler: ``"pndm"`` (PLMS, the paper's), ``"ddim"``, ``"dpm++"``, or a few-step choice: ``"lcm"``
+            (with an LCM-LoRA), ``"euler"``, ``"euler-a"``, ``"model"`` (the model folder's own scheduler, for
+            SD-Turbo and SDXL-Turbo: 1-4 steps, ``guidance_scale`` 0).
         dtype: Weights' dtype (``"fp16"``, ``"bf16"``, ``"fp32"``); none: fp16 on CUDA, fp32 elsewhere.
         local_files_only: Never download the model.
         channels_last: Run the UNet and VAE in channels-last memory format.
@@ -332,6 +334,9 @@ class GenerationConfig:
             authors' ``--gaussian_scale``, 0 in their runs).
         fixed_latent_seed: When set, every image starts from one latent drawn with this seed (the authors'
             ``--fixed_code``, off in their runs).
+        lora: LoRA weights loaded into the model and fused before generation (an LCM-LoRA folder with
+            ``scheduler = "lcm"``, 4 steps, ``guidance_scale`` 1); none loads no LoRA.
+        lora_scale: Weight of the LoRA update.
     """
 
     model: str = "CompVis/stable-diffusion-v1-4"
@@ -358,8 +363,12 @@ class GenerationConfig:
     injection_words: list[str] | None = None
     conditioning_noise: float = 0.0
     fixed_latent_seed: int | None = None
+    lora: str | None = None
+    lora_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        from dreamood.decoding.few_step import SCHEDULERS
+
         _require(self.prompt.count("{}") == 1, f"prompt must hold exactly one '{{}}', got {self.prompt!r}")
         for name, template in self.class_prompts.items():
             _require(
@@ -387,11 +396,13 @@ class GenerationConfig:
         _positive(self.guidance_scale, "guidance_scale", allow_zero=True)
         if self.save_size is not None:
             _positive(self.save_size, "save_size")
-        _one_of(self.scheduler, ("pndm", "ddim", "dpm++"), "scheduler")
+        _one_of(self.scheduler, SCHEDULERS, "scheduler")
         if self.dtype is not None:
             _one_of(self.dtype, ("fp16", "bf16", "fp32", "float16", "bfloat16", "float32"), "dtype")
         _one_of(self.compile_mode, COMPILE_MODES, "compile_mode")
         _positive(self.writer_threads, "writer_threads", allow_zero=True)
+        _require(self.lora is None or bool(self.lora), "lora must be a LoRA folder, file or model id, or none")
+        _require(math.isfinite(self.lora_scale), f"lora_scale must be a finite number, got {self.lora_scale!r}")
 
 
 @dataclass(frozen=True)

@@ -25,14 +25,19 @@ if TYPE_CHECKING:
     from dreamood.pipeline import PipelineData
 
 __all__ = [
+    "TINY_FAMILIES",
     "TINY_WORDS",
     "smoke_setup",
     "tiny_clip_text_encoder",
     "tiny_clip_tokenizer",
+    "tiny_sd2_pipeline",
+    "tiny_sdxl_pipeline",
     "tiny_stable_diffusion_pipeline",
     "tiny_unet",
     "tiny_vae",
     "write_tiny_clip_tokenizer",
+    "write_tiny_lora",
+    "write_tiny_model",
 ]
 
 #: Words that the tiny tokenizer knows as single tokens: the default prompt's words and a few class names.
@@ -383,3 +388,262 @@ def tiny_stable_diffusion_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def _tiny_text_config(tokenizer: Any, hidden_size: int, *, legacy_eos: bool, projection_dim: int | None = None) -> Any:
+    """A two-layer ``CLIPTextConfig`` for ``tokenizer``; ``legacy_eos`` pools at the largest id like SD 2.x's."""
+    from transformers import CLIPTextConfig
+
+    vocab = len(tokenizer)
+    return CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=int(tokenizer.model_max_length),
+        projection_dim=projection_dim or hidden_size,
+        hidden_act="gelu",
+        # OpenCLIP conversions keep the old ids 0/2/1; transformers then pools at the argmax of the ids.
+        bos_token_id=0 if legacy_eos else vocab - 2,
+        eos_token_id=2 if legacy_eos else vocab - 1,
+        pad_token_id=1 if legacy_eos else vocab - 1,
+    )
+
+
+def _spread_table(model: Any, seed: int) -> Any:
+    table: torch.nn.Embedding = model.get_input_embeddings()
+    with torch.no_grad():
+        table.weight.normal_(0.0, 0.4, generator=torch.Generator().manual_seed(seed))
+    model.eval()
+    return model
+
+
+def _sd_noise_schedule() -> dict[str, Any]:
+    return {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+
+def tiny_sd2_pipeline(
+    directory: str | os.PathLike[str],
+    *,
+    hidden_size: int = 48,
+    prediction_type: str = "v_prediction",
+    seed: int = 0,
+) -> Any:
+    """A tiny, random ``StableDiffusionPipeline`` shaped like Stable Diffusion 2.x (CPU, float32).
+
+    What differs from :func:`tiny_stable_diffusion_pipeline` is what differs between SD 1.x and 2.x: a text
+    encoder of another width (1024 in SD 2.x; ``hidden_size`` here) with GELU and OpenCLIP's legacy token ids
+    (pooling at the largest id), a tokenizer whose padding token is ``"!"`` as in SD 2.x's, a UNet with linear
+    attention projections and per-block head counts, and a DDIM scheduler with ``prediction_type``
+    (``"v_prediction"`` for SD 2.x at 768 px, ``"epsilon"`` for SD 2.x-base and SD-Turbo).
+
+    Args:
+        directory: Folder to write the tiny tokenizer to.
+        hidden_size: Width of the token embeddings and of the UNet's cross-attention.
+        prediction_type: ``"v_prediction"`` or ``"epsilon"``.
+        seed: Seed of all initial weights.
+
+    Returns:
+        The pipeline.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    write_tiny_clip_tokenizer(directory)
+    tokenizer = CLIPTokenizer.from_pretrained(str(directory), model_max_length=77, pad_token="!", local_files_only=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = _spread_table(CLIPTextModel(_tiny_text_config(tokenizer, hidden_size, legacy_eos=True)), seed)
+        unet: Any = UNet2DConditionModel(  # type: ignore[no-untyped-call]
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=hidden_size,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            norm_num_groups=8,
+        )
+        unet.eval()
+    scheduler = DDIMScheduler(  # type: ignore[no-untyped-call]
+        **_sd_noise_schedule(),
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    return StableDiffusionPipeline(  # type: ignore[no-untyped-call]
+        vae=tiny_vae(seed=seed),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl_pipeline(
+    directory: str | os.PathLike[str],
+    *,
+    hidden_sizes: tuple[int, int] = (32, 48),
+    projection_dim: int = 16,
+    seed: int = 0,
+) -> Any:
+    """A tiny, random ``StableDiffusionXLPipeline`` (CPU, float32, no watermark).
+
+    The components of Stable Diffusion XL, small: ``tokenizer`` and ``tokenizer_2`` (the same tiny vocabulary;
+    the second pads with ``"!"`` as SDXL's does), ``text_encoder`` (``CLIPTextModel``, width ``hidden_sizes[0]``;
+    768 in SDXL) and ``text_encoder_2`` (``CLIPTextModelWithProjection``, width ``hidden_sizes[1]``, 1280 in SDXL,
+    with OpenCLIP's legacy token ids), a UNet with the ``"text_time"`` addition embedding reading the pooled
+    projection and six size/crop ids, the KL autoencoder, and an Euler scheduler with SDXL's noise schedule.
+
+    Args:
+        directory: Folder to write the tiny tokenizer to.
+        hidden_sizes: Widths of the two text encoders' token embeddings.
+        projection_dim: Width of the pooled embedding of the second encoder.
+        seed: Seed of all initial weights.
+
+    Returns:
+        The pipeline.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    write_tiny_clip_tokenizer(directory)
+    tokenizer = CLIPTokenizer.from_pretrained(str(directory), model_max_length=77, local_files_only=True)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(
+        str(directory), model_max_length=77, pad_token="!", local_files_only=True
+    )
+    time_embed_dim = 8
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = _spread_table(
+            CLIPTextModel(_tiny_text_config(tokenizer, hidden_sizes[0], legacy_eos=False)), seed
+        )
+        text_encoder_2 = _spread_table(
+            CLIPTextModelWithProjection(
+                _tiny_text_config(tokenizer_2, hidden_sizes[1], legacy_eos=True, projection_dim=projection_dim)
+            ),
+            seed + 1,
+        )
+        unet: Any = UNet2DConditionModel(  # type: ignore[no-untyped-call]
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=sum(hidden_sizes),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            projection_class_embeddings_input_dim=projection_dim + 6 * time_embed_dim,
+            norm_num_groups=8,
+        )
+        unet.eval()
+    scheduler = EulerDiscreteScheduler(  # type: ignore[no-untyped-call]
+        **_sd_noise_schedule(), steps_offset=1, timestep_spacing="leading"
+    )
+    return StableDiffusionXLPipeline(  # type: ignore[no-untyped-call]
+        vae=tiny_vae(seed=seed),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+
+
+def write_tiny_lora(
+    pipeline: Any,
+    directory: str | os.PathLike[str],
+    *,
+    rank: int = 2,
+    alpha: int = 2,
+    target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+    seed: int = 0,
+) -> Path:
+    """Write a random LoRA for ``pipeline``'s UNet in diffusers' format (``pytorch_lora_weights.safetensors``).
+
+    Both LoRA matrices are random (not the usual zero ``B``), so loading it changes the images. The pipeline is
+    left untouched (the LoRA is made on a copy of its UNet). Needs ``peft``.
+
+    Args:
+        pipeline: A Stable Diffusion or Stable Diffusion XL pipeline.
+        directory: Folder to write to.
+        rank: LoRA rank.
+        alpha: LoRA alpha (the update is ``alpha / rank * B A``).
+        target_modules: UNet attention projections the LoRA adapts.
+        seed: Seed of the LoRA matrices.
+
+    Returns:
+        ``directory``.
+    """
+    import copy
+
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = copy.deepcopy(pipeline.unet)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(config)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))  # type: ignore[no-untyped-call]
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    type(pipeline).save_lora_weights(str(target), unet_lora_layers=layers, safe_serialization=True)
+    return target
+
+
+#: Model families :func:`write_tiny_model` can write.
+TINY_FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
+
+
+def write_tiny_model(directory: str | os.PathLike[str], family: str = "sd1", *, seed: int = 0) -> Path:
+    """Save a tiny random model folder of ``family`` as real weights are laid out (``model_index.json`` and parts).
+
+    ``"sd1"`` is :func:`tiny_stable_diffusion_pipeline`, ``"sd2"`` :func:`tiny_sd2_pipeline`, ``"sdxl"``
+    :func:`tiny_sdxl_pipeline`. Each tokenizer folder also gets the original CLIP files ``vocab.json`` and
+    ``merges.txt``. Load it back with :func:`dreamood.decoding.backends.load_decoder` and
+    :func:`~dreamood.decoding.backends.load_anchors`.
+
+    Args:
+        directory: Folder to write (created).
+        family: ``"sd1"``, ``"sd2"`` or ``"sdxl"``.
+        seed: Seed of the random weights.
+
+    Returns:
+        ``directory``.
+
+    Raises:
+        ValueError: ``family`` is unknown.
+    """
+    import tempfile
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(map(repr, TINY_FAMILIES))}, got {family!r}")
+    target = Path(directory)
+    with tempfile.TemporaryDirectory() as scratch:
+        if family == "sd1":
+            pipeline = tiny_stable_diffusion_pipeline(scratch, seed=seed)
+        elif family == "sd2":
+            pipeline = tiny_sd2_pipeline(scratch, seed=seed)
+        else:
+            pipeline = tiny_sdxl_pipeline(scratch, seed=seed)
+        pipeline.save_pretrained(str(target))
+    for folder in ("tokenizer", "tokenizer_2"):
+        if (target / folder).is_dir():
+            write_tiny_clip_tokenizer(target / folder)
+    return target

@@ -34,6 +34,8 @@ GENERATION_ROWS = [
     "png_encode",
     "vae_decode_2",
     "dpm_solver",
+    "lcm_lora",
+    "turbo",
     "plain_fp32",
 ]
 
@@ -98,6 +100,15 @@ def test_generation_benchmark_runs_and_the_fast_path_reproduces_the_plain_images
     bf16 = by_name["bf16"]["agreement_with_plain"]
     assert bf16["mean_abs"] > 0 and bf16["psnr_db"] > 20
     assert "agreement_with_plain" not in by_name["dpm_solver"] and by_name["dpm_solver"]["less_work"]
+    # Few-step rows: less work, each checked against the plain pipeline with the same setting (exact in float32).
+    for name, scheduler in (("dpm_solver", "dpm++"), ("lcm_lora", "lcm"), ("turbo", "turbo")):
+        row = by_name[name]
+        assert row["less_work"] and "LESS WORK" in row["description"] and row["scheduler"] == scheduler
+        assert "agreement_with_plain" not in row
+        assert row["agreement_with_plain_same_setting"]["max_abs"] <= 1 / 255 + 1e-12, name
+        assert row["image_stats"]["pixel_std"] > 0.01 and row["image_stats"]["saturated_pixel_fraction"] < 0.5
+    assert by_name["lcm_lora"]["lora"] and by_name["lcm_lora"]["guidance_scale"] == 1.0
+    assert by_name["turbo"]["guidance_scale"] == 0.0 and by_name["turbo"]["steps"] == 1
     assert by_name["generate_images"]["megabytes_written"] > 0
     threaded, inline = by_name["generate_images"], by_name["generate_images_inline"]
     assert threaded["writer_threads"] == 4 and inline["writer_threads"] == 0
@@ -178,6 +189,7 @@ def test_generation_rows_and_arguments_are_checked() -> None:
     fast = setups["compile_vae"]
     assert fast.channels_last and fast.fused_qkv and fast.compile_unet and fast.compile_vae
     assert setups["cudagraphs"].compile_mode == "reduce-overhead" and setups["dpm_solver"].less_work
+    assert setups["lcm_lora"].less_work and setups["lcm_lora"].lora and setups["turbo"].less_work
     for bad in (["--rows", "no_such_row"], ["--size", "30"], ["--steps", "0"]):
         with pytest.raises(SystemExit):
             bench.parse_args(["--tiny", *bad])

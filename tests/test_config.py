@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from dreamood.config import (
     PACKAGED_CONFIGS,
     ConfigError,
+    GenerationConfig,
     PipelineConfig,
     apply_overrides,
     config_from_dict,
@@ -147,6 +148,9 @@ def test_toml_yaml_and_json_give_the_same_config(tmp_path: Path) -> None:
         ("[generation]\ncompile_mode = 'fast'\n", r"generation.compile_mode must be one of 'default'"),
         ("[training]\ncompile_mode = 'default'\n", r"training.compile_mode='default' needs compile = true"),
         ("[generation]\nwriter_threads = -1\n", r"generation.writer_threads must be >= 0, got -1"),
+        ("[generation]\nscheduler = 'heun'\n", r"generation.scheduler must be one of 'pndm', .*'lcm'"),
+        ("[generation]\nlora_scale = nan\n", r"generation.lora_scale must be a finite number"),
+        ("[generation]\nlora = ''\n", r"generation.lora must be a LoRA folder"),
         ("[training]\nhead = 'deep'\n", r"training.head must be one of 'linear', 'mlp', got 'deep'"),
         ("method = 'vos'\n", r"method must be one of"),
         (
@@ -225,3 +229,13 @@ def test_override_strings_round_trip(epochs: int, sigma: float, name: str) -> No
     assert config.training.epochs == epochs
     assert config.sampler.sigma == sigma
     assert config.output_dir == name  # a string key keeps the text as it is, even "123" or "[1]"
+
+
+def test_few_step_generation_settings_load(tmp_path: Path) -> None:
+    path = tmp_path / "lcm.toml"
+    path.write_text(
+        "[generation]\nscheduler = 'lcm'\nsteps = 4\nguidance_scale = 1.0\nlora = 'lcm-lora'\nlora_scale = 1\n"
+    )
+    generation = load_config(path).generation
+    assert (generation.scheduler, generation.steps, generation.lora, generation.lora_scale) == ("lcm", 4, "lcm-lora", 1)
+    assert GenerationConfig().lora is None and GenerationConfig().lora_scale == 1.0

@@ -345,7 +345,7 @@ def test_missing_weights_give_the_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match="incomplete"):
         StableDiffusionDecoder.from_pretrained(tmp_path / "partial", CLASSES)
     with pytest.raises(ValueError, match="scheduler"):
-        StableDiffusionDecoder.from_pretrained(tmp_path / "missing", CLASSES, scheduler="euler")
+        StableDiffusionDecoder.from_pretrained(tmp_path / "missing", CLASSES, scheduler="heun")
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,8 @@ from dreamood._validation import (
     check_size_pair,
 )
 from dreamood.config import COMPILE_MODES
+from dreamood.decoding.few_step import SCHEDULERS as FEW_STEP_SCHEDULERS
+from dreamood.decoding.few_step import apply_lora, make_scheduler
 from dreamood.decoding.injection import (
     INJECTION_MODES,
     PromptTokens,
@@ -46,9 +48,9 @@ from dreamood.pretrained import resolve_pretrained
 
 __all__ = ["COMPILE_MODES", "SCHEDULERS", "StableDiffusionDecoder"]
 
-#: Scheduler names accepted by :meth:`StableDiffusionDecoder.from_pretrained`. ``"pndm"`` with
-#: ``skip_prk_steps`` is PLMS, the sampler of the paper.
-SCHEDULERS: tuple[str, ...] = ("pndm", "ddim", "dpm++")
+#: Scheduler names accepted by :meth:`StableDiffusionDecoder.from_pretrained` (see
+#: :data:`dreamood.decoding.few_step.SCHEDULERS`). ``"pndm"`` with ``skip_prk_steps`` is PLMS, the paper's sampler.
+SCHEDULERS: tuple[str, ...] = FEW_STEP_SCHEDULERS
 
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -63,15 +65,9 @@ _DTYPES: dict[str, torch.dtype] = {
 _SD_PARTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 
 
-def _make_scheduler(name: str, config: Any) -> Any:
-    """A fresh scheduler of kind ``name`` built from a pipeline's scheduler config."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
-
-    if name == "pndm":
-        return PNDMScheduler.from_config(config, skip_prk_steps=True)  # type: ignore[no-untyped-call]
-    if name == "ddim":
-        return DDIMScheduler.from_config(config)  # type: ignore[no-untyped-call]
-    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")  # type: ignore[no-untyped-call]
+def _make_scheduler(name: str, scheduler: Any) -> Any:
+    """A scheduler of kind ``name`` from a pipeline's scheduler (:func:`~dreamood.decoding.few_step.make_scheduler`)."""
+    return make_scheduler(name, scheduler)
 
 
 def _dtype_keyword(dtype: torch.dtype) -> dict[str, torch.dtype]:
@@ -154,6 +150,9 @@ class StableDiffusionDecoder:
             does not appear as its own tokens in its prompt, a class's injection token does not occur in its
             prompt (``"token"`` mode), or a prompt exceeds the text encoder's window.
     """
+
+    #: The LoRA fused into the pipeline by :meth:`from_pretrained` (its tensors' hash and scale), or ``None``.
+    lora: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -259,6 +258,8 @@ class StableDiffusionDecoder:
         compile_vae: bool = False,
         compile_mode: str = "default",
         compile_backend: str = "inductor",
+        lora: str | os.PathLike[str] | None = None,
+        lora_scale: float = 1.0,
         **kwargs: Any,
     ) -> StableDiffusionDecoder:
         """Load a Stable Diffusion v1.x pipeline from disk (or the Hugging Face cache) and wrap it.
@@ -273,7 +274,8 @@ class StableDiffusionDecoder:
             torch_dtype: Weights' dtype (``torch.float16``, ``"bf16"``, ...); ``None`` means float16 on CUDA and
                 float32 elsewhere.
             device: Where to run; ``None``/``"auto"`` picks CUDA when available.
-            scheduler: ``"pndm"`` (PLMS, the paper's sampler), ``"ddim"`` or ``"dpm++"`` (DPM-Solver++ multistep).
+            scheduler: ``"pndm"`` (PLMS, the paper's sampler), ``"ddim"``, ``"dpm++"`` (DPM-Solver++ multistep),
+                or a few-step choice of :data:`SCHEDULERS` (``"lcm"``, ``"model"`` for Turbo models, ...).
             local_files_only: Never download (the default); ``False`` lets diffusers fetch a model id.
             sdpa: Use PyTorch's scaled-dot-product attention kernels. This and the next five arguments are
                 :meth:`enable_speedups`'s.
@@ -283,6 +285,9 @@ class StableDiffusionDecoder:
             compile_vae: ``torch.compile`` the VAE decoder.
             compile_mode: ``torch.compile`` mode, one of :data:`COMPILE_MODES`.
             compile_backend: ``torch.compile`` backend.
+            lora: LoRA weights to load and fuse before the speed-ups (e.g. an LCM-LoRA folder, used with
+                ``scheduler="lcm"``); see :func:`~dreamood.decoding.few_step.apply_lora`.
+            lora_scale: Weight of the LoRA update.
             **kwargs: Passed to the constructor (``prompt_template``, ``num_inference_steps``, ``output_size``,
                 ``batch_size``, ...).
 
@@ -319,9 +324,13 @@ class StableDiffusionDecoder:
                 "text_encoder/, unet/, vae/ and scheduler/, each with its config and weights; download it again "
                 f"(e.g. `hf download {model_id_or_path} --local-dir <folder>`)"
             ) from error
-        pipeline.scheduler = _make_scheduler(scheduler, pipeline.scheduler.config)
+        pipeline.scheduler = _make_scheduler(scheduler, pipeline.scheduler)
+        lora_config = None
+        if lora is not None:
+            lora_config = apply_lora(pipeline, lora, scale=lora_scale, local_files_only=local_files_only)
         pipeline.to(target)
         decoder = cls(pipeline, class_names, **kwargs)
+        decoder.lora = lora_config
         return decoder.enable_speedups(
             sdpa=sdpa,
             channels_last=channels_last,
@@ -436,6 +445,7 @@ class StableDiffusionDecoder:
             "width": self.width,
             "output_size": None if self.output_size is None else list(self.output_size),
             "resize_mode": self.resize_mode,
+            **({} if self.lora is None else {"lora": self.lora}),
         }
         # Keys of the options below appear only when they are used, so that earlier folders keep their identity.
         if self.prompt_words is not None:
