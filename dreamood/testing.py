@@ -64,6 +64,7 @@ def smoke_setup(
     per_class: int = 24,
     image_size: int = 32,
     model_dir: str | os.PathLike[str] | None = None,
+    backend: str = "sd1",
 ) -> tuple[PipelineConfig, PipelineData]:
     """Shrink ``config`` to a run that checks the whole wiring on a CPU in seconds, with random data.
 
@@ -81,6 +82,9 @@ def smoke_setup(
         image_size: Side of the random images.
         model_dir: Folder of the tiny Stable Diffusion, written when it does not hold one yet; default
             ``output_dir/tiny-stable-diffusion``.
+        backend: The model family of the tiny model written there: ``"sd1"`` (Stable Diffusion v1.x),
+            ``"sd2"`` (v2.x: OpenCLIP tokenizer, v-prediction) or ``"sdxl"`` (two text encoders; generated with
+            its own scheduler).
 
     Returns:
         The shrunk configuration and the random datasets.
@@ -94,14 +98,17 @@ def smoke_setup(
 
     root = Path(output_dir).expanduser()
     model = root / "tiny-stable-diffusion" if model_dir is None else Path(model_dir).expanduser()
+    if backend not in ("sd1", "sd2", "sdxl"):
+        raise ValueError(f"backend must be 'sd1', 'sd2' or 'sdxl', got {backend!r}")
     if not (model / "model_index.json").is_file():
-        with (
-            tempfile.TemporaryDirectory() as scratch,
-            library_progress_bars(["transformers", "diffusers"], enabled=config.progress),
-        ):
-            tiny_stable_diffusion_pipeline(scratch).save_pretrained(str(model))
-        # Newer transformers save only tokenizer.json; SD v1.x folders also hold vocab.json and merges.txt.
-        write_tiny_clip_tokenizer(model / "tokenizer")
+        with library_progress_bars(["transformers", "diffusers"], enabled=config.progress):
+            if backend == "sd1":
+                with tempfile.TemporaryDirectory() as scratch:
+                    tiny_stable_diffusion_pipeline(scratch).save_pretrained(str(model))
+                # Newer transformers save only tokenizer.json; SD v1.x folders also hold vocab.json and merges.txt.
+                write_tiny_clip_tokenizer(model / "tokenizer")
+            else:
+                write_tiny_model(model, backend)
     names = _SMOKE_CLASSES[config.benchmark]
     keep = 1 if config.method == "dream-id" else 2
     small = config.replace(
@@ -131,6 +138,7 @@ def smoke_setup(
             "generation.images_per_class": 4,
             "generation.batch_size": 8,
             "generation.dtype": "fp32",
+            **({"generation.scheduler": "model"} if backend == "sdxl" else {}),
             "training.backbone": "small",
             "training.epochs": 6,
             "training.batch_size": 16,

@@ -410,3 +410,12 @@ def test_infinite_logits_and_shrunk_decoder_training_images_are_not_silent() -> 
     images, labels = torch.rand(4, 1, 16, 16), torch.tensor([0, 1, 0, 1])
     with pytest.warns(UserWarning, match="the training images are 16x16 but the decoder's image_size is 8"):
         decoder.fit((images, labels), 1, batch_size=4, show_progress=False)
+
+
+@pytest.mark.parametrize("backend", ["sd2", "sdxl"])
+def test_a_smoke_run_on_each_backend(tmp_path: Path, backend: str) -> None:
+    config, data = smoke_setup(load_config("cifar100", {"progress": False}), tmp_path / "run", backend=backend)
+    report = Pipeline(config, data).run()
+    anchors = Pipeline(config, data).load("anchors")
+    assert anchors.dim == (32 + 48 if backend == "sdxl" else 48)
+    assert report.id_accuracy is not None and verify_run(tmp_path / "run") == []

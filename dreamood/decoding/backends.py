@@ -276,6 +276,7 @@ def load_anchors(
     class_names: Sequence[str],
     subword: str = "mean",
     *,
+    words: Sequence[str] | None = None,
     local_files_only: bool = True,
     device: DeviceLike = "cpu",
 ) -> TokenEmbeddings:
@@ -290,7 +291,9 @@ def load_anchors(
     Args:
         model: A diffusers model folder or model id, or a CLIP text model folder.
         class_names: Class names, indexed by label.
-        subword: Multi-token policy, ``"mean"`` or ``"first"``.
+        subword: Multi-token policy (see :meth:`TokenEmbeddings.from_text_encoder`).
+        words: Per class, the word whose tokens give its anchor instead of its name (Stable Diffusion v1.x and
+            2.x only), as :meth:`TokenEmbeddings.from_pretrained` takes them.
         local_files_only: Never download.
         device: Device of the returned vectors.
 
@@ -308,11 +311,16 @@ def load_anchors(
         if "model_index.json" not in str(error):
             raise
         return TokenEmbeddings.from_pretrained(
-            model, class_names, subword, local_files_only=local_files_only, device=device
+            model, class_names, subword, words=words, local_files_only=local_files_only, device=device
         )
     if info.family == "stable-diffusion":
         return TokenEmbeddings.from_pretrained(
-            info.source, class_names, subword, local_files_only=local_files_only, device=device
+            info.source, class_names, subword, words=words, local_files_only=local_files_only, device=device
+        )
+    if words is not None:
+        raise ValueError(
+            f"per-class anchor words are supported for Stable Diffusion v1.x and 2.x, not for {info.family} "
+            f"({os.fspath(model)}); leave anchors.words unset"
         )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 

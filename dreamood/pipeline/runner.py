@@ -214,13 +214,34 @@ class Pipeline:
         return self._anchor_source
 
     def _pretrained_anchors(self, class_names: Sequence[str]) -> TokenEmbeddings:
-        from dreamood.anchors import TokenEmbeddings
+        """The rows of ``anchors.model``'s token table(s), in the form its family's decoder accepts."""
+        from dreamood.decoding.backends import load_anchors
 
         cfg = self.config.anchors
         with library_progress_bars(["transformers"], enabled=self.config.progress):
-            return TokenEmbeddings.from_pretrained(
+            return load_anchors(
                 cfg.model, list(class_names), cfg.subword, words=cfg.words, local_files_only=cfg.local_files_only
             )
+
+    def check_anchors(self, anchors: TokenEmbeddings) -> None:
+        """Check, before any training, that the anchors fit the decoder the run will use.
+
+        With the configuration's Stable Diffusion decoder, the anchors' width and token ids must be those of
+        ``generation.model``'s token table(s) (read from its JSON files, no weights loaded); a decoder factory
+        passed in is trusted.
+
+        Args:
+            anchors: The class anchors.
+
+        Raises:
+            AnchorMismatchError: The anchors do not fit ``generation.model``.
+        """
+        if self._decoder_factory is not None or self._anchor_source is not None:
+            return
+        from dreamood.decoding.backends import check_anchors
+
+        generation = self.config.generation
+        check_anchors(anchors, generation.model, local_files_only=generation.local_files_only)
 
     @property
     def sampler(self) -> EmbeddingSampler:
@@ -983,27 +1004,44 @@ class Pipeline:
 
 
 def _stable_diffusion(config: PipelineConfig, class_names: list[str], device: torch.device) -> EmbeddingDecoder:
-    """Stable Diffusion with the configuration's generation settings (safety checker off, see the decoder)."""
-    from dreamood.decoding.stable_diffusion import StableDiffusionDecoder
+    """The decoder of ``generation.model``'s family (Stable Diffusion v1.x/2.x or XL) with the generation settings.
+
+    The authors' prompt and injection options are passed only when they are set, since only the Stable Diffusion
+    v1.x/2.x decoder has them; asking them of another family is an error.
+    """
+    from dreamood.decoding.backends import inspect_model, load_decoder
 
     cfg = config.generation
     unknown = sorted(set(cfg.class_prompts) - set(class_names))
     if unknown:
         raise ValueError(f"generation.class_prompts names classes the run does not have: {', '.join(unknown)}")
     templates = [cfg.class_prompts.get(name, cfg.prompt) for name in class_names] if cfg.class_prompts else cfg.prompt
-    return StableDiffusionDecoder.from_pretrained(
+    options = {
+        "prompt_words": cfg.prompt_words,
+        "injection": cfg.injection,
+        "injection_words": cfg.injection_words,
+        "conditioning_noise": cfg.conditioning_noise,
+        "fixed_latent_seed": cfg.fixed_latent_seed,
+    }
+    defaults = {"injection": "span", "conditioning_noise": 0.0}
+    chosen = {key: value for key, value in options.items() if value is not None and value != defaults.get(key)}
+    if isinstance(templates, list):
+        chosen["prompt_template"] = templates
+    family = inspect_model(cfg.model, local_files_only=cfg.local_files_only).family
+    if chosen and family != "stable-diffusion":
+        names = ", ".join(f"generation.{key}" for key in sorted(chosen) if key != "prompt_template")
+        raise ValueError(f"{names or 'generation.class_prompts'} need a Stable Diffusion v1.x/2.x model, not {family}")
+    decoder: EmbeddingDecoder = load_decoder(
         cfg.model,
         class_names,
+        local_files_only=cfg.local_files_only,
         torch_dtype=cfg.dtype,
         device=device,
         scheduler=cfg.scheduler,
-        local_files_only=cfg.local_files_only,
-        prompt_template=templates,
-        prompt_words=cfg.prompt_words,
-        injection=cfg.injection,
-        injection_words=cfg.injection_words,
-        conditioning_noise=cfg.conditioning_noise,
-        fixed_latent_seed=cfg.fixed_latent_seed,
+        prompt_template=chosen.pop("prompt_template", cfg.prompt),
+        lora=cfg.lora,
+        lora_scale=cfg.lora_scale,
+        **chosen,
         num_inference_steps=cfg.steps,
         guidance_scale=cfg.guidance_scale,
         height=cfg.height,
@@ -1016,6 +1054,7 @@ def _stable_diffusion(config: PipelineConfig, class_names: list[str], device: to
         compile_vae=cfg.compile_vae,
         compile_mode=cfg.compile_mode,
     )
+    return decoder
 
 
 def _read_json_object(path: Path, what: str) -> dict[str, Any]:

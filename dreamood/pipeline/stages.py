@@ -180,6 +180,7 @@ def _make_encoder(pipe: Pipeline, anchors: TokenEmbeddings) -> TextConditionedEn
     from dreamood.encoder import fit_encoder
 
     cfg = pipe.config.encoder
+    pipe.check_anchors(anchors)  # before any training: the anchors must fit the decoder of the images stage
     encoder = pipe.new_encoder(anchors)
     fit_encoder(
         encoder,
