@@ -22,7 +22,16 @@ from dreamood.config import PipelineConfig
 from dreamood.errors import ArtifactError, StaleArtifactError
 from dreamood.io import atomic_write, remove_temporaries
 from dreamood.pipeline.baselines import BASELINES, BaselineConfig, BaselineRunner
-from dreamood.pipeline.data import PipelineData, build_backbone, build_data, class_names_of, image_size_of
+from dreamood.pipeline.components import (
+    BackboneFactory,
+    DecoderFactory,
+    check_config_anchors,
+    config_anchors,
+    config_backbone_factory,
+    config_decoder,
+    config_sampler,
+)
+from dreamood.pipeline.data import PipelineData, build_data, class_names_of
 from dreamood.pipeline.lock import RunFolderLock
 from dreamood.pipeline.records import (
     StageRecord,
@@ -61,12 +70,6 @@ __all__ = ["BackboneFactory", "DecoderFactory", "Pipeline"]
 logger = logging.getLogger("dreamood.pipeline")
 
 T = TypeVar("T")
-
-#: Builds the image decoder from the configuration and the class names.
-DecoderFactory = Callable[[PipelineConfig, list[str]], "EmbeddingDecoder"]
-#: Builds a feature extractor (with an integer ``feature_dim``) from a backbone name and a ResNet stem of the
-#: configuration (``encoder.backbone`` and ``encoder.stem``, or ``training.backbone`` and ``training.stem``).
-BackboneFactory = Callable[[str, str], nn.Module]
 
 
 class TrainingRun(TypedDict):
@@ -214,14 +217,7 @@ class Pipeline:
         return self._anchor_source
 
     def _pretrained_anchors(self, class_names: Sequence[str]) -> TokenEmbeddings:
-        """The rows of ``anchors.model``'s token table(s), in the form its family's decoder accepts."""
-        from dreamood.decoding.backends import load_anchors
-
-        cfg = self.config.anchors
-        with library_progress_bars(["transformers"], enabled=self.config.progress):
-            return load_anchors(
-                cfg.model, list(class_names), cfg.subword, words=cfg.words, local_files_only=cfg.local_files_only
-            )
+        return config_anchors(self.config, class_names)
 
     def check_anchors(self, anchors: TokenEmbeddings) -> None:
         """Check, before any training, that the anchors fit the decoder the run will use.
@@ -236,12 +232,8 @@ class Pipeline:
         Raises:
             AnchorMismatchError: The anchors do not fit ``generation.model``.
         """
-        if self._decoder_factory is not None or self._anchor_source is not None:
-            return
-        from dreamood.decoding.backends import check_anchors
-
-        generation = self.config.generation
-        check_anchors(anchors, generation.model, local_files_only=generation.local_files_only)
+        if self._decoder_factory is None and self._anchor_source is None:
+            check_config_anchors(self.config, anchors)
 
     @property
     def sampler(self) -> EmbeddingSampler:
@@ -249,37 +241,14 @@ class Pipeline:
         if self._sampler is not None:
             return self._sampler
         if self._default_sampler is None:
-            from dreamood.sampling.knn_boundary import KNNBoundarySampler
-
-            cfg = self.config.sampler
-            self._default_sampler = KNNBoundarySampler(
-                k=cfg.k,
-                boundary_size=cfg.boundary,
-                anchors_per_round=cfg.anchors_per_round,
-                candidates_per_anchor=cfg.candidates_per_anchor,
-                sigma=cfg.sigma,
-                keep_per_anchor=cfg.keep,
-                mode="inlier" if self.config.method == "dream-id" else "outlier",
-                seed=self.config.seed,
-                device=self.device,
-                show_progress=self.config.progress,
-            )
+            self._default_sampler = config_sampler(self.config, self.device)
         return self._default_sampler
 
     @property
     def backbone_factory(self) -> BackboneFactory:
         """Builds a backbone from a name and a stem: the factory passed in, else
         :func:`~dreamood.pipeline.build_backbone` (``"auto"`` takes the 3x3 stem for images up to 64 px)."""
-        if self._backbone_factory is not None:
-            return self._backbone_factory
-        from dreamood.models.resnet import uses_small_stem
-
-        size = image_size_of(self.config)
-
-        def factory(name: str, stem: str) -> nn.Module:
-            return build_backbone(name, small_input=uses_small_stem(stem, size))
-
-        return factory
+        return self._backbone_factory or config_backbone_factory(self.config)
 
     def decoder(self, device: torch.device) -> EmbeddingDecoder:
         """The image decoder: the factory's, else Stable Diffusion from ``generation.model`` on ``device``.
@@ -293,7 +262,7 @@ class Pipeline:
         with library_progress_bars(["transformers", "diffusers"], enabled=self.config.progress):
             if self._decoder_factory is not None:
                 return self._decoder_factory(self.config, self.class_names)
-            return _stable_diffusion(self.config, self.class_names, device)
+            return config_decoder(self.config, self.class_names, device)
 
     @contextmanager
     def seeded_init(self) -> Iterator[None]:
@@ -1001,60 +970,6 @@ class Pipeline:
             Accuracy (a fraction) on the ID test set and each generalisation set.
         """
         return self._baseline_runner.generalization_baseline(name)
-
-
-def _stable_diffusion(config: PipelineConfig, class_names: list[str], device: torch.device) -> EmbeddingDecoder:
-    """The decoder of ``generation.model``'s family (Stable Diffusion v1.x/2.x or XL) with the generation settings.
-
-    The authors' prompt and injection options are passed only when they are set, since only the Stable Diffusion
-    v1.x/2.x decoder has them; asking them of another family is an error.
-    """
-    from dreamood.decoding.backends import inspect_model, load_decoder
-
-    cfg = config.generation
-    unknown = sorted(set(cfg.class_prompts) - set(class_names))
-    if unknown:
-        raise ValueError(f"generation.class_prompts names classes the run does not have: {', '.join(unknown)}")
-    templates = [cfg.class_prompts.get(name, cfg.prompt) for name in class_names] if cfg.class_prompts else cfg.prompt
-    options = {
-        "prompt_words": cfg.prompt_words,
-        "injection": cfg.injection,
-        "injection_words": cfg.injection_words,
-        "conditioning_noise": cfg.conditioning_noise,
-        "fixed_latent_seed": cfg.fixed_latent_seed,
-    }
-    defaults = {"injection": "span", "conditioning_noise": 0.0}
-    chosen = {key: value for key, value in options.items() if value is not None and value != defaults.get(key)}
-    if isinstance(templates, list):
-        chosen["prompt_template"] = templates
-    family = inspect_model(cfg.model, local_files_only=cfg.local_files_only).family
-    if chosen and family != "stable-diffusion":
-        names = ", ".join(f"generation.{key}" for key in sorted(chosen) if key != "prompt_template")
-        raise ValueError(f"{names or 'generation.class_prompts'} need a Stable Diffusion v1.x/2.x model, not {family}")
-    decoder: EmbeddingDecoder = load_decoder(
-        cfg.model,
-        class_names,
-        local_files_only=cfg.local_files_only,
-        torch_dtype=cfg.dtype,
-        device=device,
-        scheduler=cfg.scheduler,
-        prompt_template=chosen.pop("prompt_template", cfg.prompt),
-        lora=cfg.lora,
-        lora_scale=cfg.lora_scale,
-        **chosen,
-        num_inference_steps=cfg.steps,
-        guidance_scale=cfg.guidance_scale,
-        height=cfg.height,
-        width=cfg.width,
-        output_size=cfg.save_size,
-        progress=config.progress,
-        channels_last=cfg.channels_last,
-        fuse_qkv_projections=cfg.fuse_qkv_projections,
-        compile=cfg.compile,
-        compile_vae=cfg.compile_vae,
-        compile_mode=cfg.compile_mode,
-    )
-    return decoder
 
 
 def _read_json_object(path: Path, what: str) -> dict[str, Any]:
