@@ -143,3 +143,16 @@ def test_saved_classifier_is_still_an_ordinary_module() -> None:
     clone = copy.deepcopy(model)
     assert torch.equal(clone.head.weight, model.head.weight)
     assert hasattr(model, "push_to_hub")
+
+
+def test_a_hub_id_loads_from_the_hugging_face_cache(tmp_path: Path) -> None:
+    model = _changed_weights(resnet18(4, small_input=True, seed=0)).eval()
+    repo = tmp_path / "cache" / "models--someone--tiny-classifier"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    model.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    loaded = Classifier.from_pretrained("someone/tiny-classifier", local_files_only=True, cache_dir=tmp_path / "cache")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(images), loaded(images))
