@@ -27,7 +27,7 @@ from dreamood._validation import (
 )
 from dreamood.errors import ArtifactError, ModelNotFoundError
 from dreamood.io import load_artifact, save_artifact
-from dreamood.pretrained import resolve_pretrained
+from dreamood.pretrained import _how_to_fetch, resolve_pretrained
 
 __all__ = ["SUBWORD_POLICIES", "TokenEmbeddings"]
 
@@ -385,8 +385,7 @@ def _load_tokenizer_and_text_encoder(name: str, local_files_only: bool) -> tuple
     except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as error:
         raise ModelNotFoundError(
             f"could not load the tokenizer and text encoder of {name!r} (from {root!r}): {error}. Expected {_LAYOUTS}. "
-            "Download the model once on a machine with network access (e.g. `hf download "
-            f"{name} --local-dir <folder>`) and pass that folder."
+            f"{_how_to_fetch(name)}"
         ) from error
 
 

@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         add_help=False,
     )
+    _add_export_command(commands)
     return parser
 
 
@@ -423,6 +424,61 @@ def _close_process_group(*, succeeded: bool) -> None:
             # Tearing the group down while a peer is still in a gloo collective can abort the peer.
             dist.barrier()
         dist.destroy_process_group()
+
+
+# ---- dreamood export -------------------------------------------------------------------------------------------
+
+
+def _add_export_command(commands: Any) -> None:
+    """``dreamood export FOLDER OUT``: a generated folder as an ImageFolder tree with class names / OpenOOD list."""
+    export = commands.add_parser(
+        "export",
+        help="write generated images as an ImageFolder tree with class names, or with an OpenOOD image list",
+        description="Write a folder of generated images (e.g. <output_dir>/images) as an ImageFolder tree whose "
+        "class folders (000_apple/, 001_aquarium_fish/, ...) sort in label order, with classes.json; with "
+        "--format openood also imglist.txt ('<path> <label>' lines, label -1 for outliers). For pytorch-ood, "
+        "load the tree with dreamood.data.outlier_dataset (targets -1).",
+    )
+    export.add_argument("folder", help="a folder written by generate_images (e.g. runs/x/images)")
+    export.add_argument("out_dir", help="where to write the tree (must be empty or missing, unless --overwrite)")
+    export.add_argument("--format", choices=("imagefolder", "openood"), default="imagefolder")
+    export.add_argument(
+        "--labels",
+        choices=("outlier", "class"),
+        default="outlier",
+        help="labels of the OpenOOD list: -1 for every image (outliers, default) or the class index (inliers)",
+    )
+    export.add_argument("--image-size", type=int, metavar="PIXELS", help="resize the images (e.g. 32 for CIFAR)")
+    export.add_argument(
+        "--link",
+        choices=("copy", "hardlink", "symlink"),
+        default="copy",
+        help="copy the images (default) or link them (without --image-size only)",
+    )
+    export.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
+    export.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    export.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    export.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from dreamood.data.export import export_generated
+
+    result = export_generated(
+        args.folder,
+        args.out_dir,
+        args.format,
+        labels=args.labels,
+        image_size=args.image_size,
+        link=args.link,
+        overwrite=args.overwrite,
+    )
+    if not args.quiet:
+        classes = sum(1 for name in result.class_folders if name)
+        print(f"wrote {result.num_images} images in {classes} class folders to {result.out_dir}")
+        if result.imglist is not None:
+            print(f"OpenOOD image list: {result.imglist} (data_dir: {result.out_dir})")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

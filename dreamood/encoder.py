@@ -29,6 +29,7 @@ from dreamood._validation import (
 )
 from dreamood.anchors import TokenEmbeddings
 from dreamood.errors import ArtifactError, NonFiniteError
+from dreamood.hub import DreamoodHubMixin, backbone_config
 from dreamood.training.checkpoint import TrainingCheckpoint
 from dreamood.training.precision import autocast, autocast_dtype, grad_scaler
 from dreamood.training.rng import loader_generators, seed_everything
@@ -42,7 +43,7 @@ CHECKPOINT_NAME = "encoder_checkpoint.pt"
 _MIN_LR = 1e-6
 
 
-class TextConditionedEncoder(nn.Module):
+class TextConditionedEncoder(nn.Module, DreamoodHubMixin):
     """Backbone + linear projection to the anchor dimension, trained to align with frozen class anchors.
 
     ``embed(x)`` gives ``z = h(x) / ||h(x)||`` with ``h`` the backbone followed by a linear layer to ``m``
@@ -58,6 +59,12 @@ class TextConditionedEncoder(nn.Module):
         temperature: The temperature ``t`` of Eq. 2 (the paper uses 0.1).
         embedding_dim: Dimension of the projection; defaults to the anchors' dimension ``m`` and must
             equal it when given.
+
+    Save and load it the Hugging Face way (``config.json`` + ``model.safetensors``, anchors and class names
+    included, see :mod:`dreamood.hub`)::
+
+        encoder.save_pretrained("runs/x/encoder")
+        encoder = TextConditionedEncoder.from_pretrained("runs/x/encoder")
 
     Attributes:
         anchors: The ``(C, m)`` anchor buffer (float32).
@@ -168,6 +175,27 @@ class TextConditionedEncoder(nn.Module):
             f"feature_dim={self.feature_dim}, embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
             f"temperature={self.temperature}"
         )
+
+    def _dreamood_config(self) -> dict[str, Any]:
+        return {
+            "backbone": backbone_config(self.backbone),
+            "backbone_class": type(self.backbone).__name__,
+            "feature_dim": self.feature_dim,
+            "embedding_dim": self.embedding_dim,
+            "num_classes": self.num_classes,
+            "temperature": self.temperature,
+            "class_names": self.class_names,
+        }
+
+    @classmethod
+    def _from_dreamood_config(cls, config: dict[str, Any], backbone: nn.Module) -> TextConditionedEncoder:
+        # Placeholder anchors of the saved shape; the saved anchor buffer replaces them when the weights load.
+        anchors = torch.ones(int(config["num_classes"]), int(config["embedding_dim"]))
+        names = config.get("class_names")
+        table: TokenEmbeddings | Tensor = anchors
+        if isinstance(names, list):
+            table = TokenEmbeddings([str(name) for name in names], anchors)
+        return cls(backbone, int(config["feature_dim"]), table, float(config["temperature"]))
 
 
 def _check_labels(labels: Tensor, num_samples: int, num_classes: int) -> Tensor:

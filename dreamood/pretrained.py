@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dreamood.errors import ModelNotFoundError
 
-__all__ = ["resolve_pretrained"]
+__all__ = ["is_local_path", "resolve_pretrained"]
 
 # Each folder is complete when one of its alternative file sets is present (transformers 5 may save a
 # tokenizer as tokenizer.json alone; the published SD v1.x snapshots have vocab.json and merges.txt).
@@ -26,12 +26,42 @@ _FILES_BY_FOLDER: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 
 
+_EXAMPLE_ID = "CompVis/stable-diffusion-v1-4"
+_ALLOW_DOWNLOAD = (
+    "or let Hugging Face download it now: local_files_only=False in Python, or from the dreamood command "
+    "--set generation.local_files_only=false (and --set anchors.local_files_only=false for the anchors)"
+)
+
+
+def is_local_path(name: str) -> bool:
+    """Whether ``name`` is meant as a folder rather than a Hugging Face Hub id (``name`` or ``owner/name``).
+
+    A path: it exists, starts with ``.``, ``/`` or ``~``, is absolute, has a backslash or more than one ``/``,
+    or its parent folder exists here (``models/sd`` with a ``models/`` folder).
+    """
+    path = Path(name).expanduser()
+    return (
+        name.startswith((".", "/", "~"))
+        or os.path.isabs(name)
+        or "\\" in name
+        or name.count("/") > 1
+        or path.exists()
+        or (name.count("/") == 1 and path.parent.is_dir())
+    )
+
+
 def _how_to_fetch(model: str) -> str:
+    if is_local_path(model):
+        return (
+            f"{model!r} is a local folder: download the model into it once, on a machine with network access, "
+            f"with its Hugging Face id, e.g. `hf download {_EXAMPLE_ID} --local-dir {model}` "
+            "(`huggingface-cli download` before huggingface_hub 1.0), or pass another folder that holds it."
+        )
     return (
         "Download it once on a machine with network access, for example with "
         f"`hf download {model} --local-dir <folder>` (`huggingface-cli download` before huggingface_hub 1.0, "
-        "or `snapshot_download`), "
-        "then pass that folder; or pass local_files_only=False to let Hugging Face download it now."
+        f"or `snapshot_download`), then pass that folder; {_ALLOW_DOWNLOAD}. If {model!r} was meant as a local "
+        f"folder, it does not exist under {os.getcwd()}."
     )
 
 
@@ -54,13 +84,15 @@ def resolve_pretrained(
     name = os.fspath(model_id_or_path)
     path = Path(name).expanduser()
     if not path.exists():
-        if not local_files_only and not name.startswith((".", "/", "~")):
+        local = is_local_path(name)
+        if not local_files_only and not local:
             return name
-        cached = _cached_snapshot(name) if not name.startswith((".", "/", "~")) else None
+        cached = _cached_snapshot(name) if not local else None
         if cached is None:
             layout = ", ".join(f"{s}/" for s in subfolders) or "config.json and weights"
+            where = "no such folder" if local else "no such folder and not in the Hugging Face cache"
             raise ModelNotFoundError(
-                f"pretrained model {name!r} was not found: no such folder and not in the Hugging Face cache. "
+                f"pretrained model {name!r} was not found: {where}. "
                 f"Expected a folder holding {layout}. {_how_to_fetch(name)}"
             )
         path = cached

@@ -117,14 +117,16 @@ def main() -> dict[str, object]:
     id_batches = list(data["test"].split(64))
     ood_batches = {name: list(data[name].split(64)) for name in ("near", "far")}
     reports = {}
-    print(f"{'detector':12} {'OOD set':8} {'FPR95 (ID+)':>12} {'FPR95 (OOD+)':>13} {'AUROC':>7}")
+    # Percentages, as in the OODReport tables printed below.
+    print(f"{'detector':12} {'OOD set':8} {'FPR95 (ID+) %':>14} {'FPR95 (OOD+) %':>15} {'AUROC %':>8}")
     for name, detector in detectors.items():
         detector.fit(data["train"], data["train_labels"])
         evaluator = OODEvaluator(detector, protocol="full", device="cpu", progress=False)
         reports[name] = evaluator.evaluate(id_batches, ood_batches)
         for row in reports[name].rows:
             m = row.metrics
-            print(f"{name:12} {row.name:8} {m['fpr95']:12.3f} {m['fpr95_ood_positive']:13.3f} {m['auroc']:7.3f}")
+            fpr_id, fpr_ood, auroc = (100 * m[key] for key in ("fpr95", "fpr95_ood_positive", "auroc"))
+            print(f"{name:12} {row.name:8} {fpr_id:14.2f} {fpr_ood:15.2f} {auroc:8.2f}")
     print(f"\nSHE: {SHE.reference}")
     print(reports["SHE"].to_markdown())
     return {"she": she, "data": data, "head": head, "reports": reports}

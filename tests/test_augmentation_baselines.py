@@ -330,11 +330,11 @@ def test_generic_prompt_images_through_generate_images(tmp_path: Path) -> None:
     assert folder.targets == [0, 0, 0, 1, 1, 1] and folder.classes == ["cat", "dog"]
     for index in range(6):
         path, label = folder.samples[index]
-        assert path == tmp_path / str(label) / f"{index:06d}.png"
+        assert path == tmp_path / f"{label:03d}" / f"{index:06d}.png"
         expected = (decoder.render(image_seed(4, index)) * 255).round().byte().permute(1, 2, 0).numpy()
         np.testing.assert_array_equal(np.asarray(Image.open(path)), expected)
         assert decoder.calls[index // 2][0][index % 2] == f"A high-quality photo of a {('cat', 'dog')[label]}"
-    (tmp_path / "1" / "000005.png").unlink()
+    (tmp_path / "001" / "000005.png").unlink()
     decoder.calls.clear()
     again = generate_generic_prompt_images(decoder, tmp_path, 3, seed=4, batch_size=2, show_progress=False)
     assert again.generated == 1 and decoder.calls == [

@@ -668,7 +668,7 @@ def _(env: Env) -> Any:
     from dreamood.data.generated import GeneratedImageFolder
 
     root = _generated_folder(env)
-    image = root / "0" / "000001.png"
+    image = root / "000" / "000001.png"
     image.write_bytes(image.read_bytes()[:40])
     return GeneratedImageFolder(root)[1]
 
@@ -683,7 +683,7 @@ def _(env: Env) -> Any:
     from dreamood.data.generated import GeneratedImageFolder
 
     root = _generated_folder(env)
-    (root / "1" / "000002.png").write_text("not an image")
+    (root / "001" / "000002.png").write_text("not an image")
     return GeneratedImageFolder(root)[2]
 
 
@@ -697,7 +697,7 @@ def _(env: Env) -> Any:
     from dreamood.data.generated import GeneratedImageFolder
 
     root = _generated_folder(env)
-    (root / "1" / "000003.png").unlink()
+    (root / "001" / "000003.png").unlink()
     return GeneratedImageFolder(root)[3]
 
 

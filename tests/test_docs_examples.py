@@ -93,6 +93,7 @@ def test_every_howto_script_is_tested_and_included_by_a_page() -> None:
         "howto_custom_detector.py",
         "howto_custom_sampler.py",
         "howto_feature_sampler_loop.py",
+        "howto_only_outliers.py",
     ], "a new how-to script needs its checks in this file"
     included = {path for page in DOCS.rglob("*.md") for path in _SNIPPET.findall(page.read_text())}
     for script in HOWTO_SCRIPTS:
@@ -350,3 +351,43 @@ def test_feature_sampler_loop_metrics_match_an_independent_computation(
         assert result["metrics"][name]["auroc"] == pytest.approx(roc_auc_score(truth, scores), abs=1e-6)
         labels = np.repeat(np.arange(3), 64)
         assert result["metrics"][name]["accuracy"] == pytest.approx((id_logits.argmax(axis=1) == labels).mean())
+
+
+# ---- examples/howto_only_outliers.py ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def outliers_run() -> tuple[dict[str, Any], Any, str]:
+    pytest.importorskip("pytorch_ood")
+    return _run_main("howto_only_outliers.py")
+
+
+def test_only_outliers_openood_list_reads_as_openood_does(outliers_run: tuple[dict[str, Any], Any, str]) -> None:
+    _, result, printed = outliers_run
+    lines = result["imglist_lines"]
+    assert len(lines) == 96  # 32 outliers for each of the 3 classes
+    for line in lines:
+        name, label = line.split(" ", 1)  # OpenOOD's ImglistDataset splits at the first space
+        assert int(label) == -1 and not name.startswith("/")
+        assert re.fullmatch(r"00[0-2]_(low|middle|high)/\d{6}\.png", name)
+    assert "B. OpenOOD image list: 96 lines" in printed
+
+
+def test_only_outliers_training_moves_the_energy_score(outliers_run: tuple[dict[str, Any], Any, str]) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    namespace, result, printed = outliers_run
+    results, models, test = result["results"], result["models"], result["test"]
+    assert list(results) == ["cross-entropy only", "A. own loop + energy", "C. pytorch-ood loss"]
+    images, labels = test.tensors
+    ood = namespace["ToyOutlierDecoder"]().decode(torch.zeros(len(labels), 4), labels, list(range(10_000, 10_192)))
+    for name, model in models.items():
+        with torch.no_grad():
+            scores = [torch.logsumexp(model(x).double(), dim=1) for x in (images, ood)]  # negative energy, T = 1
+        expected = roc_auc_score([1] * len(images) + [0] * len(ood), torch.cat(scores).numpy())
+        assert results[name]["auroc"] == pytest.approx(expected, abs=1e-6)
+        assert results[name]["accuracy"] >= 0.95
+        assert f"{name:<24}" in printed
+    baseline = results["cross-entropy only"]["auroc"]
+    assert results["A. own loop + energy"]["auroc"] > baseline + 0.05
+    assert results["C. pytorch-ood loss"]["auroc"] > baseline + 0.05

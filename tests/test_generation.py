@@ -116,8 +116,9 @@ def test_layout_manifest_and_pixels(
     labels = samples.labels.tolist()
     # Independent plan: first three rows of each class, classes ascending, indices counted class-major.
     expected_rows = [row for c in (0, 1, 2) for row in [i for i, y in enumerate(labels) if y == c][:3]]
-    paths = [f"{labels[row]}/{index:06d}.png" for index, row in enumerate(expected_rows)]
-    assert sorted(_tree(tmp_path)) == sorted([*paths, MANIFEST_NAME])
+    paths = [f"{labels[row]:03d}/{index:06d}.png" for index, row in enumerate(expected_rows)]
+    assert sorted(_tree(tmp_path)) == sorted([*paths, MANIFEST_NAME, "classes.json"])
+    assert json.loads((tmp_path / "classes.json").read_text()) == CLASSES
     assert result.num_images == result.generated == 9 and result.skipped == 0
     assert result.manifest == tmp_path / MANIFEST_NAME
 
@@ -156,13 +157,13 @@ def test_resume_redoes_missing_truncated_and_corrupt_images(
     reference, work = tmp_path / "reference", tmp_path / "work"
     _run(decoder, samples, reference, batch_size=2)
     _run(decoder, samples, work, batch_size=2)
-    (work / "0" / "000001.png").unlink()
-    truncated = work / "1" / "000005.png"
+    (work / "000" / "000001.png").unlink()
+    truncated = work / "001" / "000005.png"
     truncated.write_bytes(truncated.read_bytes()[:-40])
-    (work / "2" / "000010.png").write_bytes(b"not a png")
-    (work / "2" / ".000011.png.abc123.tmp").write_bytes(b"half-written")
+    (work / "002" / "000010.png").write_bytes(b"not a png")
+    (work / "002" / ".000011.png.abc123.tmp").write_bytes(b"half-written")
     (work / MANIFEST_NAME).unlink()
-    untouched = work / "0" / "000003.png"
+    untouched = work / "000" / "000003.png"
     stamp = untouched.stat().st_mtime_ns
 
     calls: list[int] = []
@@ -240,7 +241,7 @@ def test_a_failed_write_surfaces_and_a_rerun_completes_the_folder(
     with pytest.raises(OSError, match="No space left"):
         _run(decoder, samples, tmp_path / "work", batch_size=3, writer_threads=threads)
     written = {p.relative_to(tmp_path / "work").as_posix() for p in (tmp_path / "work").rglob("*.png")}
-    assert "1/000005.png" not in written and len(written) >= 5
+    assert "001/000005.png" not in written and len(written) >= 5
     assert not list((tmp_path / "work").rglob("*.tmp"))
     monkeypatch.undo()
     resumed = _run(decoder, samples, tmp_path / "work", batch_size=3, writer_threads=threads)
@@ -311,7 +312,7 @@ def test_two_env_ranks_equal_a_single_process(
     monkeypatch.setenv("RANK", "0")
     first = _run(decoder, samples, sharded, batch_size=1)
     written = sorted(p.relative_to(sharded).as_posix() for p in sharded.rglob("*.png"))
-    assert written == sorted(f"{y}/{i:06d}.png" for i, y in _planned(samples) if i % 2 == 0)
+    assert written == sorted(f"{y:03d}/{i:06d}.png" for i, y in _planned(samples) if i % 2 == 0)
     assert first.manifest is None and not (sharded / MANIFEST_NAME).exists()
     monkeypatch.setenv("RANK", "1")
     second = _run(decoder, samples, sharded, batch_size=1)
@@ -486,7 +487,7 @@ def test_folder_reads_images_and_manifest_labels(folder: Path) -> None:
 def test_folder_resizes_converts_and_transforms(folder: Path) -> None:
     gray, _ = GeneratedImageFolder(folder, image_size=(4, 6), mode="L")[0]
     assert gray.shape == (1, 4, 6) and float(gray.min()) >= 0.0 and float(gray.max()) <= 1.0
-    with Image.open(folder / "0" / "000000.png") as opened:
+    with Image.open(folder / "000" / "000000.png") as opened:
         expected = np.asarray(opened.convert("L").resize((6, 4), Image.Resampling.BILINEAR), dtype=np.float32) / 255
     assert torch.allclose(gray[0], torch.from_numpy(expected))
     seen: list[Any] = []
@@ -500,11 +501,11 @@ def test_folder_errors_name_the_file(folder: Path, tmp_path_factory: pytest.Temp
     with pytest.raises(FileNotFoundError, match=MANIFEST_NAME):
         GeneratedImageFolder(empty)
     dataset = GeneratedImageFolder(folder)
-    broken = folder / "1" / "000002.png"
+    broken = folder / "001" / "000002.png"
     broken.write_bytes(broken.read_bytes()[:60])
     with pytest.raises(ArtifactError, match="000002.png"):
         dataset[2]
-    (folder / "2" / "000004.png").unlink()
+    (folder / "002" / "000004.png").unlink()
     with pytest.raises(FileNotFoundError, match="000004.png"):
         dataset[4]
     with pytest.raises(ValueError, match="mode"):

@@ -303,7 +303,7 @@ def test_every_stage_removes_the_temporaries_of_its_killed_writes(cifar_run: tup
         "baselines/godin/.report.json.k11.tmp",
         "baselines/gan/.classifier.pt.k12.tmp",
     ]
-    others = [".notes.txt.k13.tmp", ".anchors.safetensors.k14", "images/0/.other.k15.tmp"]
+    others = [".notes.txt.k13.tmp", ".anchors.safetensors.k14", "images/000/.other.k15.tmp"]
     artefacts = [p for p in out.rglob("*") if p.is_file() and "tiny-stable-diffusion" not in p.parts]
     artefacts = {p: p.read_bytes() for p in artefacts if p.name not in ("config.json", "timings.json")}
     for name in own + others:

@@ -323,9 +323,11 @@ def test_generated_images_are_named_by_class_index_whatever_the_class_names(
     )
     written = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     expected = sorted(
-        [f"images/{label}/{index:06d}.png" for index, label in enumerate(labels.tolist())] + ["images/manifest.jsonl"]
+        [f"images/{label:03d}/{index:06d}.png" for index, label in enumerate(labels.tolist())]
+        + ["images/classes.json", "images/manifest.jsonl"]
     )
     assert written == expected
+    assert json.loads((out_dir / "classes.json").read_text()) == names
     rows = [json.loads(line) for line in (out_dir / "manifest.jsonl").read_text().splitlines()]
     assert [row["class_name"] for row in rows] == [names[label] for label in labels.tolist()]
 
@@ -346,7 +348,7 @@ def test_pipeline_generation_never_makes_a_folder_from_a_class_name(tmp_path: Pa
     folder = pipe.generate(EmbeddingSamples(torch.ones(4, 2), torch.tensor([0, 0, 1, 1])))
     everything = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert all(path.startswith("run/") for path in everything), everything
-    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["0", "1"]
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["000", "001"]
     assert not Path("/tmp/absolute-class").exists()
 
 

@@ -483,7 +483,7 @@ def test_cuda_fast_generation_matches_the_plain_pipeline(tmp_path: Path) -> None
     ).enable_speedups(channels_last=True, fuse_qkv_projections=True, compile=True, compile_vae=True)
     samples = EmbeddingSamples(_anchor(pipeline, "cat")[None].float(), torch.tensor([0]))
     generate_images(decoder, samples, tmp_path / "out", seed=0, show_progress=False)
-    with Image.open(tmp_path / "out" / "0" / "000000.png") as image:
+    with Image.open(tmp_path / "out" / "000" / "000000.png") as image:
         pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).float() / 255.0
     torch.testing.assert_close(pixels, reference, atol=3 / 255, rtol=0)
 

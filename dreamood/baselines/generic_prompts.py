@@ -114,7 +114,7 @@ def generate_generic_prompt_images(
     """Render ``images_per_class`` images of every class from its plain prompt, resumably.
 
     Runs :func:`~dreamood.decoding.generation.generate_images` on a :class:`PlainPromptDecoder`: images go to
-    ``out_dir/<class_index>/<image_index:06d>.png`` with ``manifest.jsonl``, image ``i`` (class-major) is
+    ``out_dir/<class_index:03d>/<image_index:06d>.png`` with ``manifest.jsonl``, image ``i`` (class-major) is
     decoded with ``image_seed(seed, i)``, and a second call finishes an interrupted run. Read the folder back
     with ``GeneratedImageFolder(out_dir, image_size=...)`` and append it to the ID training set as
     ``synthetic_id_loader`` of :func:`~dreamood.training.train_classifier`.

@@ -5,7 +5,8 @@
 - ID datasets: CIFAR-100 (torchvision), ImageNet-100 read in place from an ImageNet-1k folder tree;
   :func:`with_transform` gives another view of a loaded set without loading it again.
 - OOD test sets with the paper's preprocessing, and the DREAM-ID generalisation sets (ImageNet-A, -V2).
-- :class:`GeneratedImageFolder` reads images written by :func:`dreamood.decoding.generation.generate_images`.
+- :class:`GeneratedImageFolder` reads images written by :func:`dreamood.decoding.generation.generate_images`;
+  :func:`export_generated` and :func:`outlier_dataset` hand them to other tools (ImageFolder, OpenOOD, pytorch-ood).
 
 Names are resolved lazily so that reading a class list does not import torchvision.
 """
@@ -45,6 +46,8 @@ _EXPORTS: dict[str, str] = {
     "imagenet_train_transform": "dreamood.data.transforms",
     "imagenet_test_transform": "dreamood.data.transforms",
     "GeneratedImageFolder": "dreamood.data.generated",
+    "export_generated": "dreamood.data.export",
+    "outlier_dataset": "dreamood.data.export",
 }
 
 __all__ = list(_EXPORTS)
@@ -71,6 +74,7 @@ if TYPE_CHECKING:
         link_imagenet_subset,
         with_transform,
     )
+    from dreamood.data.export import export_generated, outlier_dataset
     from dreamood.data.generated import GeneratedImageFolder
     from dreamood.data.ood import (
         CIFAR100_OOD_SETS,

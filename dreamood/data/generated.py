@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from dreamood._validation import check_choice, check_size_pair
-from dreamood.decoding.generation import MANIFEST_NAME
+from dreamood.decoding.generation import CLASSES_NAME, MANIFEST_NAME
 from dreamood.errors import ArtifactError
 
 __all__ = ["GeneratedImageFolder"]
@@ -23,7 +23,8 @@ class GeneratedImageFolder(Dataset[tuple[Any, int]]):
     """Generated images with the labels listed in the folder's ``manifest.jsonl``.
 
     Each item is ``(image, label)``: the label is the class the image's embedding was sampled for (for
-    imagined outliers, the class they were sampled around). Without ``transform`` the image is a float
+    imagined outliers, the class they were sampled around), read from the manifest, so folders of every layout
+    (``007/`` as written now, ``7/`` as written before) get the right labels. Without ``transform`` the image is a float
     tensor ``(C, H, W)`` in ``[0, 1]``; with one, ``transform`` receives the PIL image (after the mode
     conversion and the resize), as with torchvision datasets, and its result is returned.
 
@@ -39,7 +40,9 @@ class GeneratedImageFolder(Dataset[tuple[Any, int]]):
         records: The manifest rows, in image-index order.
         samples: ``(path, label)`` pairs, in image-index order.
         targets: The labels.
-        classes: Class names by class index (``""`` for classes without images).
+        classes: Class names by class index: the folder's ``classes.json`` when present (every class of the
+            decoder), else the names in the manifest (``""`` for classes without images).
+        class_to_idx: Class name -> class index, as torchvision's ``ImageFolder`` has it (named classes only).
 
     Raises:
         FileNotFoundError: ``root`` or its manifest is missing.
@@ -84,6 +87,20 @@ class GeneratedImageFolder(Dataset[tuple[Any, int]]):
         self.classes: list[str] = [""] * (max(self.targets, default=-1) + 1)
         for record in self.records:
             self.classes[int(record["class_index"])] = str(record.get("class_name", ""))
+        listed = self.root / CLASSES_NAME
+        if listed.is_file():
+            try:
+                names = json.loads(listed.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise ArtifactError(f"{listed} is not valid JSON: {error}") from error
+            if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+                raise ArtifactError(f"{listed} must hold a JSON list of class names, got {str(names)[:80]}")
+            if len(names) < len(self.classes):
+                raise ArtifactError(
+                    f"{listed} names {len(names)} classes but {manifest} has class_index up to {len(self.classes) - 1}"
+                )
+            self.classes = names
+        self.class_to_idx: dict[str, int] = {name: index for index, name in enumerate(self.classes) if name}
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -2,8 +2,17 @@
 
 Layout of ``out_dir``::
 
-    out_dir/<class_index>/<image_index:06d>.png
+    out_dir/<class_folder>/<image_index:06d>.png
+    out_dir/classes.json
     out_dir/manifest.jsonl
+
+**Class folders.** Each class's images go to a folder named by its class index, zero-padded to the same width
+(at least 3 digits: ``000/``, ``001/``, ..., ``011/``; see :func:`class_folder_name`), so that tools which sort
+folder names as strings (torchvision's ``ImageFolder``) give every image its class index as label whenever
+every class has images. ``classes.json`` lists the decoder's class names by class index; the manifest lists
+every image with its class index and name. Folders written before this layout (``0/``, ``1/``, ``10/``) stay
+readable by :class:`~dreamood.data.generated.GeneratedImageFolder`, which takes labels from the manifest, and a
+generation resumed in such a folder keeps its layout.
 
 **Which images.** For every class present in the samples (ascending class index) the first
 ``images_per_class`` rows of that class, in their order in the samples, are rendered (all rows when
@@ -39,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -59,18 +69,23 @@ from dreamood.protocols import EmbeddingDecoder
 from dreamood.sampling.samples import EmbeddingSamples
 
 __all__ = [
+    "CLASSES_NAME",
     "MANIFEST_NAME",
     "RECORD_KEY",
     "GenerationResult",
+    "class_folder_name",
     "decoder_config_hash",
     "generate_images",
     "image_seed",
 ]
 
 MANIFEST_NAME = "manifest.jsonl"
+#: File of a generated folder that lists the class names by class index (a JSON list of strings).
+CLASSES_NAME = "classes.json"
 #: Key of the PNG text chunk that holds each image's record.
 RECORD_KEY = "dreamood"
 _IMAGE_FORMATS = ("png",)
+logger = logging.getLogger(__name__)
 _IMAGE_NAME = re.compile(r"^\d+\.png$")
 _TEMP_NAME = re.compile(r"^\.\d+\.png\..*\.tmp$")
 
@@ -93,6 +108,36 @@ class GenerationResult:
     generated: int
     skipped: int
     manifest: Path | None
+
+
+def class_folder_name(class_index: int, num_classes: int) -> str:
+    """The folder of class ``class_index`` in a generated folder of ``num_classes`` classes.
+
+    The class index zero-padded to ``max(3, len(str(num_classes - 1)))`` digits (``7`` of 12 classes is
+    ``"007"``), so that sorting the folder names as strings gives the class-index order.
+
+    Raises:
+        ValueError: ``class_index`` is not in ``[0, num_classes)``.
+    """
+    check_positive_int(num_classes, "num_classes")
+    if not 0 <= class_index < num_classes:
+        raise ValueError(f"class_index must lie in [0, {num_classes}), got {class_index}")
+    width = max(3, len(str(num_classes - 1)))
+    return f"{class_index:0{width}d}"
+
+
+def _legacy_layout(out_dir: Path, num_classes: int) -> bool:
+    """Whether ``out_dir`` holds class folders of the earlier, unpadded layout (``0/``, ``1/``, ``10/``)."""
+    if not out_dir.is_dir():
+        return False
+    return any(
+        folder.is_dir()
+        and folder.name.isdigit()
+        and int(folder.name) < num_classes
+        and folder.name != class_folder_name(int(folder.name), num_classes)
+        and any(folder.glob("*.png"))
+        for folder in out_dir.iterdir()
+    )
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -137,7 +182,12 @@ def _vector_hash(vector: Tensor) -> str:
 
 
 def _plan(
-    samples: EmbeddingSamples, images_per_class: int | None, seed: int, config_hash: str, class_names: Sequence[str]
+    samples: EmbeddingSamples,
+    images_per_class: int | None,
+    seed: int,
+    config_hash: str,
+    class_names: Sequence[str],
+    legacy: bool = False,
 ) -> list[dict[str, Any]]:
     """One record per image to render, in image-index order (see the module docstring)."""
     labels = samples.labels.cpu()
@@ -151,6 +201,7 @@ def _plan(
                     f"images_per_class={images_per_class} but class {class_index} has only {len(rows)} sampled rows"
                 )
             rows = rows[:images_per_class]
+        folder = str(class_index) if legacy else class_folder_name(class_index, len(class_names))
         for row in rows:
             index = len(records)
             records.append(
@@ -162,7 +213,7 @@ def _plan(
                     "seed": image_seed(seed, index),
                     "decoder_config_hash": config_hash,
                     "vector_sha256": _vector_hash(vectors[row]),
-                    "path": f"{class_index}/{index:06d}.png",
+                    "path": f"{folder}/{index:06d}.png",
                 }
             )
     return records
@@ -321,7 +372,10 @@ def _check_manifest(manifest: Path, config_hash: str, overwrite: bool) -> None:
             manifest.unlink()
 
 
-def _write_manifest(manifest: Path, records: list[dict[str, Any]]) -> None:
+def _write_manifest(manifest: Path, records: list[dict[str, Any]], class_names: Sequence[str]) -> None:
+    # classes.json first: a folder with a manifest is complete.
+    with atomic_write(manifest.parent / CLASSES_NAME, "w") as handle:
+        handle.write(json.dumps(list(class_names), indent=1) + "\n")
     with atomic_write(manifest, "w") as handle:
         handle.write("".join(_record_text(record) + "\n" for record in records))
 
@@ -340,6 +394,9 @@ def generate_images(
     writer_threads: int = 4,
 ) -> GenerationResult:
     """Render sampled embeddings into ``out_dir/<class>/<index>.png`` plus ``manifest.jsonl``, resumably.
+
+    ``<class>`` is the zero-padded class index (:func:`class_folder_name`), and ``classes.json`` lists the class
+    names, so torchvision's ``ImageFolder`` reads the folder with the same labels.
 
     See the module documentation for which rows are used, how seeds are derived, how a re-run resumes and
     how ranks share the work. Call it from every rank under ``torchrun``; call it again with the same
@@ -389,7 +446,14 @@ def generate_images(
     rank, world_size, has_group = _rank_and_world_size()
     root = Path(out_dir)
     config_hash = decoder_config_hash(decoder)
-    records = _plan(samples, images_per_class, seed, config_hash, class_names)
+    legacy = _legacy_layout(root, len(class_names))
+    if legacy:
+        logger.warning(
+            "%s holds class folders of the earlier unpadded layout (0/, 1/, ...); the generation resumed there "
+            "keeps that layout (GeneratedImageFolder reads it; use dreamood.data.export for other tools)",
+            root,
+        )
+    records = _plan(samples, images_per_class, seed, config_hash, class_names, legacy)
     manifest = root / MANIFEST_NAME
     _check_manifest(manifest, config_hash, overwrite)
     if rank == 0:
@@ -435,13 +499,13 @@ def generate_images(
 
         dist.barrier()
         if rank == 0:
-            _write_manifest(manifest, records)
+            _write_manifest(manifest, records, class_names)
         dist.barrier()
         complete = True
     else:
         complete = all((root / r["path"]).is_file() for r in records)
         if complete:
-            _write_manifest(manifest, records)
+            _write_manifest(manifest, records, class_names)
     return GenerationResult(
         out_dir=root,
         num_images=len(records),

@@ -10,6 +10,7 @@ authors' code renders ``"A high-quality image of the <word>"`` with their own pe
 from __future__ import annotations
 
 import importlib.util
+import logging
 import operator
 import os
 import pickle
@@ -63,6 +64,8 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 _SD_PARTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+# transformers gives a tokenizer without a configured model_max_length the placeholder int(1e30).
+_UNSET_MAX_LENGTH = 10**29
 
 
 def _make_scheduler(name: str, scheduler: Any) -> Any:
@@ -199,8 +202,20 @@ class StableDiffusionDecoder:
 
         window = int(pipeline.tokenizer.model_max_length)
         positions = int(getattr(pipeline.text_encoder.config, "max_position_embeddings", window))
+        if window >= _UNSET_MAX_LENGTH and positions < _UNSET_MAX_LENGTH:
+            # transformers' placeholder when the tokenizer folder has no tokenizer_config.json: use the encoder's.
+            logging.getLogger(__name__).warning(
+                "the tokenizer sets no model_max_length (its folder has no tokenizer_config.json); using the text "
+                "encoder's %d positions",
+                positions,
+            )
+            pipeline.tokenizer.model_max_length = window = positions
         if window > positions:
-            raise ValueError(f"tokenizer.model_max_length ({window}) exceeds the text encoder's {positions} positions")
+            raise ValueError(
+                f"tokenizer.model_max_length ({window}) exceeds the text encoder's {positions} positions; the "
+                "tokenizer folder's tokenizer_config.json should set model_max_length to the encoder's "
+                f"max_position_embeddings ({positions} for Stable Diffusion v1.x)"
+            )
 
         self.pipeline: Any = pipeline
         self._class_names = check_class_names(class_names)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from dreamood._validation import check_positive_int
+from dreamood.hub import DreamoodHubMixin, backbone_config
 
 
 def resolve_feature_dim(backbone: nn.Module, feature_dim: int | None) -> int:
@@ -34,11 +37,20 @@ def backbone_features(backbone: nn.Module, images: Tensor, feature_dim: int) -> 
     return features
 
 
-class Classifier(nn.Module):
+class Classifier(nn.Module, DreamoodHubMixin):
     """``head(features(x))``: a backbone mapping images to ``(N, feature_dim)`` features and a linear head.
 
     Post-hoc detectors and the VOS/NPOS training baselines need the penultimate features; here they are
     ``model.features`` (a plain callable) and the last layer is ``model.head`` (an ``nn.Linear``).
+
+    Save and load it the Hugging Face way (``config.json`` + ``model.safetensors``, see :mod:`dreamood.hub`)::
+
+        model.save_pretrained("runs/x/classifier")
+        model = Classifier.from_pretrained("runs/x/classifier")  # backbone rebuilt from config.json
+        model.push_to_hub("owner/name")  # needs a Hugging Face login
+
+    The library's backbones (ResNets, ``SmallConvNet``) are rebuilt from the config; for any other backbone pass
+    it again: ``Classifier.from_pretrained(folder, backbone=my_backbone)``.
 
     Args:
         backbone: Any module mapping a batch of images to features of shape ``(N, feature_dim)``.
@@ -59,6 +71,18 @@ class Classifier(nn.Module):
         self.head = nn.Linear(feature_dim, num_classes)
         self.feature_dim = feature_dim
         self.num_classes = num_classes
+
+    def _dreamood_config(self) -> dict[str, Any]:
+        return {
+            "backbone": backbone_config(self.backbone),
+            "backbone_class": type(self.backbone).__name__,
+            "num_classes": self.num_classes,
+            "feature_dim": self.feature_dim,
+        }
+
+    @classmethod
+    def _from_dreamood_config(cls, config: dict[str, Any], backbone: nn.Module) -> Classifier:
+        return cls(backbone, int(config["num_classes"]), int(config["feature_dim"]))
 
     def features(self, images: Tensor) -> Tensor:
         """Penultimate features of ``images``, shape ``(N, feature_dim)``.

@@ -71,6 +71,9 @@ class ResNetFeatures(nn.Module):
 
     Attributes:
         feature_dim: 512 for ResNet-18/34, 2048 for ResNet-50.
+        depth: 18, 34 or 50.
+        small_input: Whether the 3x3 stride-1 stem is used.
+        in_channels: Number of input channels.
 
     Raises:
         ValueError: ``depth`` is not 18, 34 or 50, or ``in_channels`` is not a positive integer.
@@ -102,6 +105,7 @@ class ResNetFeatures(nn.Module):
         self.avgpool = net.avgpool
         self.depth = depth
         self.small_input = small_input
+        self.in_channels = in_channels
         self.feature_dim: int = 512 * block.expansion
 
     def forward(self, images: Tensor) -> Tensor:

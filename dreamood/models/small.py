@@ -21,6 +21,8 @@ class SmallConvNet(nn.Module):
 
     Attributes:
         feature_dim: Number of output features.
+        in_channels: Number of input channels.
+        width: Channels of the first block.
     """
 
     def __init__(self, in_channels: int = 1, feature_dim: int = 64, *, width: int = 32, seed: int | None = None):
@@ -38,6 +40,8 @@ class SmallConvNet(nn.Module):
                 nn.Flatten(),
             )
         self.feature_dim = feature_dim
+        self.in_channels = in_channels
+        self.width = width
 
     def forward(self, images: Tensor) -> Tensor:
         """Features of ``images`` ``(N, C, H, W)``, shape ``(N, feature_dim)``."""
