@@ -14,6 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dreamood.demo.labels import (
+    GENERALIZATION,
+    LABELS,
+    METHODS,
+    OOD_BASELINES,
+    QUICK_RUN_NOTICE,
+    embedding_projection,
+    set_groups,
+)
 from dreamood.io import atomic_write
 
 __all__ = [
@@ -35,24 +44,7 @@ _LEGEND = (
     "near = the digits outside the ID classes; far = textures, faces and photos (mean over the three sets); "
     "matched = the same far-OOD images with the pixel values of ID digits."
 )
-_LABELS = {
-    "ce": "(a) cross-entropy only",
-    "dream_ood": "(b) DREAM-OOD",
-    "token_noise": "(c) noise on T(y) (Table 2, I)",
-    "vos": "(d) VOS",
-    "npos": "(e) NPOS",
-    "godin": "(f) GODIN",
-    "godin_eps0": "(f) GODIN, epsilon = 0",
-    "gan": "(g) GAN outliers, MSP",
-    "posthoc_msp": "(a) + MSP",
-    "posthoc_maxlogit": "(a) + MaxLogit",
-    "posthoc_mahalanobis": "(a) + Mahalanobis",
-    "posthoc_knn": "(a) + KNN",
-    "posthoc_vim": "(a) + ViM",
-    "posthoc_react": "(a) + ReAct",
-    "pixel_mean": "pixel mean (no network)",
-}
-_TRAINED = ("ce", "dream_ood", "token_noise", "vos", "npos", "godin", "godin_eps0", "gan")
+_TRAINED = (*METHODS, *OOD_BASELINES)
 
 
 # ---------------------------------------------------------------------------------------------------- numbers
@@ -82,8 +74,6 @@ def aggregate(reports: Sequence[dict[str, Any]], groups: dict[str, list[str]] | 
     if not reports:
         raise ValueError("reports is empty: nothing to aggregate")
     if groups is None:
-        from dreamood.demo.pipeline import set_groups
-
         groups = set_groups()
     per_seed = [{row["name"]: row["metrics"] for row in report["rows"]} for report in reports]
     names = list(per_seed[0])
@@ -155,7 +145,7 @@ def summary_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for key, stats in metrics["aggregate"].items():
         seeds = stats["seeds"]
-        row = [_LABELS.get(key, key), _pct(_accuracy(metrics, key), seeds)]
+        row = [LABELS.get(key, key), _pct(_accuracy(metrics, key), seeds)]
         for group in groups:
             row += [_pct(stats["groups"][group]["fpr95"], seeds), _pct(stats["groups"][group]["auroc"], seeds)]
         rows.append(row)
@@ -189,7 +179,7 @@ def findings(metrics: dict[str, Any]) -> list[str]:
         lines.append(
             f"{title}: DREAM-OOD reaches AUROC {100 * dream['mean']:.1f} against {100 * base['mean']:.1f} for "
             f"cross-entropy alone ({delta:+.1f} points, {verdict} the baseline); the best of the {len(trained)} "
-            f"rows of trained models is {_LABELS[best]} ({100 * trained[best]:.1f})."
+            f"rows of trained models is {LABELS[best]} ({100 * trained[best]:.1f})."
         )
     if "godin" in stats:
         epsilons = sorted({seed["godin_epsilon"] for seed in metrics["seeds"]})
@@ -230,8 +220,6 @@ def generalization_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[s
     Returns:
         ``(header, rows)`` of strings, accuracies in %.
     """
-    from dreamood.demo.pipeline import GENERALIZATION
-
     table = metrics["generalization"]
     seeds = len(metrics["seeds"])
     sizes = table["sets"]
@@ -258,8 +246,6 @@ def generalization_findings(metrics: dict[str, Any]) -> list[str]:
     Returns:
         One sentence per finding.
     """
-    from dreamood.demo.pipeline import GENERALIZATION
-
     table = metrics["generalization"]["aggregate"]
     size = metrics["generalization"]["sets"]["rotated"]
     base = table["ce"]["rotated"]
@@ -354,7 +340,7 @@ def _set_table(metrics: dict[str, Any], metric: str) -> Block:
     header = ["method", *(f"{name} ({sizes[name]})" for name in names)]
     rows = []
     for key, stats in metrics["aggregate"].items():
-        rows.append([_LABELS.get(key, key), *(_pct(stats["sets"][name][metric], stats["seeds"]) for name in names)])
+        rows.append([LABELS.get(key, key), *(_pct(stats["sets"][name][metric], stats["seeds"]) for name in names)])
     return _table(header, rows, f"{_METRICS[metric]} per OOD set, in % (number of images in brackets)")
 
 
@@ -490,8 +476,10 @@ def build_blocks(metrics: dict[str, Any]) -> list[Block]:
             f"torch {env['torch']}.",
         ),
         Block("p", "Du, Sun, Zhu, Li. Dream the Impossible: Outlier Imagination with Diffusion Models. NeurIPS 2023."),
-        Block("h2", "Summary"),
     ]
+    if metrics["config"]["quick"]:
+        blocks += [Block("h2", "Quick run: these numbers mean nothing"), Block("p", QUICK_RUN_NOTICE)]
+    blocks.append(Block("h2", "Summary"))
     header, rows = summary_rows(metrics)
     blocks.append(
         _table(
@@ -561,8 +549,8 @@ def build_blocks(metrics: dict[str, Any]) -> list[Block]:
     blocks.append(
         Block(
             "figure",
-            "ID embeddings (dots), anchors T(y) (stars) and sampled outlier embeddings (crosses), by class (the "
-            "paper's Fig. 4).",
+            f"{embedding_projection(metrics['config']['quick'])[1]} of the ID embeddings (dots), anchors T(y) (stars) "
+            "and sampled outlier embeddings (crosses), by class (the paper's Fig. 4).",
             path=metrics["figures"]["embeddings"],
         )
     )
@@ -788,9 +776,11 @@ def print_summary(metrics: dict[str, Any], out_dir: Path, *, enabled: bool = Tru
         The text.
     """
     timings = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in metrics["timings_s"].items())
+    notice = [_wrap(QUICK_RUN_NOTICE, indent=""), ""] if metrics["config"]["quick"] else []
     text = "\n".join(
         [
             "",
+            *notice,
             "DREAM-OOD demo: energy score for (a)-(e), GODIN's score for (f), MSP for (g), post-hoc rows on model (a); "
             "FPR95 (ID+) and AUROC in %",
             *_columns(*summary_rows(metrics)),
