@@ -100,7 +100,7 @@ class DigitsPipeline(Pipeline):
         )
         decoder = run.demo.decoder
 
-        def anchors(names: Sequence[str]) -> TokenEmbeddings:
+        def anchors(class_names: Sequence[str]) -> TokenEmbeddings:
             return decoder.token_embeddings
 
         def backbone(name: str) -> nn.Module:

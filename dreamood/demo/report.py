@@ -607,13 +607,16 @@ def build_blocks(metrics: dict[str, Any]) -> list[Block]:
                 ("metrics.json: settings, environment, per-seed reports, aggregates, timings",),
                 ("figures/: the PNG figures of this report",),
                 ("artifacts/: the decoder (safetensors + JSON), anchors T(y), images decoded from T(y)",),
-                ("seed-*/artifacts/: encoder checkpoint, feature bank, outlier and noise embeddings",),
-                ("seed-*/outliers/: the decoded outlier images with their manifest",),
-                ("seed-*/artifacts/: also the DREAM-ID inlier embeddings",),
-                ("seed-*/inliers/: the decoded DREAM-ID inliers with their manifest",),
                 (
-                    "seed-*/classifiers/: checkpoint and training history of each classifier (the GAN's DCGAN: "
-                    "gan/dcgan.pt)",
+                    "seed-*/: the DREAM-OOD run folder of dreamood.pipeline.Pipeline: anchors, encoder (and encoder/ "
+                    "checkpoints), feature bank, outlier embeddings (samples), the decoded outliers (images/), the "
+                    "classifier (and classifier/ checkpoint and history), its report and the stage records (stages/)",
+                ),
+                ("seed-*/artifacts/: the noise-on-T(y) and the DREAM-ID inlier embeddings",),
+                ("seed-*/outliers/token-noise/, seed-*/inliers/dream-id/: their decoded images with manifests",),
+                (
+                    "seed-*/classifiers/: checkpoint and training history of every other classifier (the GAN's "
+                    "DCGAN: gan/dcgan.pt)",
                 ),
                 ("seed-*/reports/: one OOD report (JSON) per method",),
             ),
