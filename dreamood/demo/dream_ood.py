@@ -82,10 +82,12 @@ class DigitsPipeline(Pipeline):
     """The :class:`~dreamood.pipeline.Pipeline` of one seed of the demo.
 
     The encoder's backbone has the encoder's size and the classifier's the classifier's (the configuration names
-    both ``"small"``), so :meth:`new_encoder` builds its backbone from the encoder settings.
+    both ``"small"``), so :meth:`new_encoder` builds its backbone from the encoder settings. Every stage is
+    forced: the components (the decoder above all) are not part of the configuration, so an artefact left in the
+    folder by another run could not be told apart.
 
     Args:
-        run: The seed.
+        run: The seed; its ``sampler_settings`` are set to the sampler's.
     """
 
     def __init__(self, run: SeedRun) -> None:
@@ -113,7 +115,7 @@ class DigitsPipeline(Pipeline):
             sampler=sampler,
             decoder_factory=lambda pipeline_config, names: decoder,
             backbone_factory=backbone,
-            force=[stage.name for stage in STAGES],  # the demo recomputes everything, as its decoder may differ
+            force=[stage.name for stage in STAGES],
         )
 
     def new_encoder(self, anchors: TokenEmbeddings) -> TextConditionedEncoder:
