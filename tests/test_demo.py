@@ -298,14 +298,45 @@ def test_command_line_options() -> None:
 # ---------------------------------------------------------------------------------------------------- pipeline
 
 
-def test_quick_demo_runs_every_stage_and_reports_what_it_measured(tmp_path: Path) -> None:
+def test_demo_modules_import_each_other_without_a_cycle() -> None:
+    """The report owns the labels; no demo module imports one that imports it back (even inside a function)."""
+    import ast
+
+    import dreamood.demo
+
+    folder = Path(dreamood.demo.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dreamood.demo."):
+                names.add(node.module.rsplit(".", 1)[1])
+        graph[path.stem] = names - {path.stem}
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        for name in graph.get(start, set()):
+            if name == target or (name not in seen and reaches(name, target, seen | {name})):
+                return True
+        return False
+
+    assert not [name for name in graph if reaches(name, name, {name})]
+    assert "pipeline" not in graph["report"] and "pipeline" not in graph["labels"]
+
+
+def test_quick_demo_runs_every_stage_and_reports_what_it_measured(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from sklearn.metrics import roc_auc_score
 
-    from dreamood.demo.pipeline import GENERALIZATION, METHODS, OOD_BASELINES, set_groups
+    from dreamood.demo.labels import GENERALIZATION, METHODS, OOD_BASELINES, QUICK_RUN_NOTICE, set_groups
 
     out, cache = tmp_path / "run", tmp_path / "cache"
     argv = ["--quick", "--out", str(out), "--cache-dir", str(cache), "--id-classes", "3,5,8", "--seed", "2"]
     assert main([*argv, "--device", "cpu", "--threads", "1", "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    # --no-progress hides the bars only: the stage headers are logged (stderr); the summary goes to stdout.
+    assert "== data" in printed.err and "== evaluation (seed 2)" in printed.err and "== data" not in printed.out
+    assert QUICK_RUN_NOTICE[:40] in printed.out and "(b) DREAM-OOD" in printed.out
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["data"]["class_names"] == ["three", "five", "eight"]
@@ -322,8 +353,10 @@ def test_quick_demo_runs_every_stage_and_reports_what_it_measured(tmp_path: Path
         assert 0.0 <= metrics["aggregate"][key]["id_accuracy"]["mean"] <= 1.0
     # Every classifier, GODIN's and CutMix's included, trains with the shared loop and writes its checkpoint.
     for key in [*METHODS, "godin", "gan", *(k for k in GENERALIZATION if k not in ("ce", "memo"))]:
-        assert (out / "seed-2" / "classifiers" / key / "checkpoint.pt").is_file(), key
-        history = json.loads((out / "seed-2" / "classifiers" / key / "metrics.json").read_text())["history"]
+        # DREAM-OOD's classifier is the pipeline's classifier stage, in the seed folder's classifier/.
+        folder = out / "seed-2" / ("classifier" if key == "dream_ood" else f"classifiers/{key}")
+        assert (folder / "checkpoint.pt").is_file(), key
+        history = json.loads((folder / "metrics.json").read_text())["history"]
         assert len(history) == metrics["config"]["classifier_epochs"], key
 
     # The evaluation sets are what they claim: recompute the pixel-mean detector's AUROC from scratch.
@@ -346,10 +379,13 @@ def test_quick_demo_runs_every_stage_and_reports_what_it_measured(tmp_path: Path
     for path in (
         "artifacts/decoder/decoder.safetensors",
         "artifacts/anchors.safetensors",
-        "seed-2/artifacts/feature_bank.safetensors",
-        "seed-2/artifacts/outlier_embeddings.safetensors",
-        "seed-2/artifacts/encoder/encoder_checkpoint.pt",
-        "seed-2/outliers/dream-ood/manifest.jsonl",
+        "seed-2/anchors.safetensors",
+        "seed-2/feature_bank.safetensors",
+        "seed-2/samples.safetensors",
+        "seed-2/encoder/encoder_checkpoint.pt",
+        "seed-2/images/manifest.jsonl",
+        "seed-2/classifier.pt",
+        "seed-2/report.json",
         "seed-2/outliers/token-noise/manifest.jsonl",
         "seed-2/artifacts/inlier_embeddings.safetensors",
         "seed-2/classifiers/gan/dcgan.pt",
@@ -364,6 +400,9 @@ def test_quick_demo_runs_every_stage_and_reports_what_it_measured(tmp_path: Path
     assert parser.stack == [] and len(parser.images) == 6
     markdown = (out / "report.md").read_text()
     assert "What this benchmark can and cannot show" in markdown and "(b) DREAM-OOD" in markdown
+    # A quick run says so at the top; its embedding figure is a PCA and the caption says so.
+    assert markdown.index("Quick run: these numbers mean nothing") < markdown.index("## Summary")
+    assert QUICK_RUN_NOTICE in markdown and QUICK_RUN_NOTICE in page and "PCA of the ID embeddings" in markdown
     assert "| (f) GODIN |" in markdown and "| (g) GAN outliers, MSP |" in markdown
     assert "## Generalisation: DREAM-ID and its baselines" in markdown and "What it cannot show" in markdown
     for label in GENERALIZATION.values():
@@ -387,10 +426,8 @@ def test_quick_demo_runs_every_stage_and_reports_what_it_measured(tmp_path: Path
     assert not metrics["decoder"]["from_cache"] and repeated["decoder"]["from_cache"]
     assert repeated["reports"] == metrics["reports"]
     assert repeated["seeds"][0]["generalization"] == metrics["seeds"][0]["generalization"]
-    for name in ("feature_bank.safetensors", "outlier_embeddings.safetensors"):
-        assert (again / "seed-2" / "artifacts" / name).read_bytes() == (
-            out / "seed-2" / "artifacts" / name
-        ).read_bytes()
+    for name in ("feature_bank.safetensors", "samples.safetensors", "artifacts/token_noise_embeddings.safetensors"):
+        assert (again / "seed-2" / name).read_bytes() == (out / "seed-2" / name).read_bytes()
 
 
 def _check_baselines_against_scratch(
@@ -400,7 +437,7 @@ def _check_baselines_against_scratch(
     from sklearn.metrics import roc_auc_score
 
     from dreamood.baselines import GODIN, GodinClassifier
-    from dreamood.demo.pipeline import GENERALIZATION
+    from dreamood.demo.labels import GENERALIZATION
     from dreamood.io import load_checkpoint
     from dreamood.models import SmallConvNet
 

@@ -19,7 +19,8 @@ This module imports only :mod:`argparse` until a run starts, so building the com
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from dreamood.demo.config import DemoConfig
@@ -76,7 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where trained decoders are cached (default: $DREAMOOD_CACHE or ~/.cache/dreamood)",
     )
     parser.add_argument("--no-cache", action="store_true", help="retrain the decoder; neither read nor write the cache")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bars (the stage headers are still logged)"
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -148,8 +151,36 @@ def run_from_args(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"dreamood demo: error: {error}", file=sys.stderr)
         return 2
-    run(config)
+    with _logging_to_stderr():
+        run(config)
     return 0
+
+
+@contextlib.contextmanager
+def _logging_to_stderr() -> Iterator[None]:
+    """Show the ``dreamood`` logger's messages (stage headers, notes) on stderr during the run.
+
+    ``dreamood demo`` already does this for every command; the handler is added only when the logger has none.
+    """
+    import logging
+    import sys
+
+    logger = logging.getLogger("dreamood")
+    if logger.handlers:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,16 +7,33 @@ horizontal tick labels on the left. One axes instead of one per image keeps a 15
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from dreamood._validation import check_positive_int, check_rank
+from dreamood.demo.labels import GENERALIZATION, embedding_projection
 from dreamood.io import atomic_write
 
-__all__ = ["mosaic", "save_mosaic"]
+if TYPE_CHECKING:
+    from dreamood.demo.context import SeedRun
+    from dreamood.demo.data import DigitsData
+    from dreamood.feature_bank import FeatureBank
+    from dreamood.sampling.samples import EmbeddingSamples
+
+__all__ = [
+    "figure_data",
+    "figure_embeddings",
+    "figure_generalization",
+    "figure_outliers",
+    "figure_sigmas",
+    "mosaic",
+    "save_mosaic",
+    "save_rows",
+]
 
 
 def mosaic(images: Tensor, columns: int, *, gap: int = 1) -> Tensor:
@@ -98,3 +115,80 @@ def save_mosaic(
     with atomic_write(target) as handle:
         figure.savefig(handle, format="png", dpi=dpi)
     return target
+
+
+# ---------------------------------------------------------------------------------------------- the report's figures
+
+
+def save_rows(rows: list[Tensor], labels: list[str], path: Path, columns: int) -> str:
+    """Save one labelled mosaic row per entry of ``rows`` (each cut or padded to ``columns`` images).
+
+    Returns:
+        The path relative to the output folder (``figures/<name>``).
+    """
+    padded = [torch.cat([r[:columns], torch.ones(max(0, columns - len(r)), *r.shape[1:])]) for r in rows]
+    save_mosaic(torch.cat(padded), path, columns, labels)
+    return str(Path("figures") / path.name)
+
+
+def figure_data(data: DigitsData, test_sets: Mapping[str, Tensor], out_dir: Path) -> str:
+    """The ID training digits and every OOD test set, one row each."""
+    rows = [data.train_images, *test_sets.values()]
+    return save_rows(rows, ["ID training digits", *test_sets], out_dir / "figures" / "data.png", 16)
+
+
+def figure_embeddings(run: SeedRun, bank: FeatureBank, outliers: EmbeddingSamples) -> str:
+    """ID embeddings, anchors and DREAM-OOD outlier embeddings in 2-d (the paper's Fig. 4): PCA in a quick run."""
+    from dreamood.viz import plot_embeddings
+
+    method, name = embedding_projection(run.config.quick)
+    path = run.demo.out_dir / "figures" / "embeddings.png"
+    plot_embeddings(
+        bank, outliers, run.demo.anchors, method=method, path=path, max_points_per_class=100, seed=run.seed,
+        title=f"{name}: ID embeddings, anchors T(y), DREAM-OOD outliers",
+    )  # fmt: skip
+    return str(path.relative_to(run.demo.out_dir))
+
+
+def figure_sigmas(run: SeedRun, bank: FeatureBank) -> str:
+    """Decoded outliers for several noise levels (the paper's Fig. 5): one row per sigma, two per class."""
+    from dreamood.sampling.knn_boundary import KNNBoundarySampler
+
+    settings = {key: value for key, value in run.sampler_settings.items() if key not in ("sigma", "num_per_class")}
+    sigma = run.sampler_settings["sigma"]
+    rows, labels = [], []
+    for multiplier in run.config.sigma_multipliers:
+        value = multiplier * sigma
+        sampler = KNNBoundarySampler(**settings, sigma=value, seed=run.seed, show_progress=False)
+        samples = sampler.sample(bank, run.demo.anchors, 2)
+        folder = run.demo.out_dir / "artifacts" / "sigma_grid" / f"sigma-{value:.4f}"
+        rows.append(run.decode(samples, folder, progress=False)[0])
+        labels.append(f"sigma = {value:.3g} ({multiplier:g}x)")
+    return save_rows(rows, labels, run.demo.out_dir / "figures" / "outliers_by_sigma.png", len(rows[0]))
+
+
+def figure_outliers(
+    dream_images: Tensor, noise_images: Tensor, outliers: EmbeddingSamples, data: DigitsData, out_dir: Path
+) -> str:
+    """Real ID digits, DREAM-OOD outliers and Table 2 (I) outliers of every class side by side."""
+    rows, labels = [], []
+    for class_index, name in enumerate(data.class_names):
+        mask = outliers.labels.cpu() == class_index
+        rows += [data.train_images[data.train_labels == class_index], dream_images[mask], noise_images[mask]]
+        labels += [f"{name}: real digits", f"{name}: DREAM-OOD", f"{name}: noise on T(y)"]
+    return save_rows(rows, labels, out_dir / "figures" / "outliers.png", 12)
+
+
+def figure_generalization(
+    data: DigitsData, extra: Mapping[str, tuple[Tensor, Tensor]], rotated: Tensor, out_dir: Path
+) -> str:
+    """Class 0 in every version the generalisation table uses: test, rotated test, training, appended images."""
+    name = data.class_names[0]
+    rows = [data.test_images[data.test_labels == 0], rotated[data.test_labels == 0]]
+    rows.append(data.train_images[data.train_labels == 0])
+    labels = [f"{name}: ID test digits", f"{name}: rotated test digits", f"{name}: training digits"]
+    for key, (images, targets) in extra.items():
+        classes = targets.argmax(dim=1) if targets.is_floating_point() else targets
+        rows.append(images[classes == 0])
+        labels.append(GENERALIZATION[key])
+    return save_rows(rows, labels, out_dir / "figures" / "generalization.png", 12)
