@@ -105,7 +105,7 @@ class DigitsPipeline(Pipeline):
         def anchors(class_names: Sequence[str]) -> TokenEmbeddings:
             return decoder.token_embeddings
 
-        def backbone(name: str) -> nn.Module:
+        def backbone(name: str, stem: str) -> nn.Module:
             return SmallConvNet(1, config.classifier_feature_dim, width=config.classifier_width)
 
         super().__init__(
