@@ -419,3 +419,18 @@ def test_a_smoke_run_on_each_backend(tmp_path: Path, backend: str) -> None:
     anchors = Pipeline(config, data).load("anchors")
     assert anchors.dim == (32 + 48 if backend == "sdxl" else 48)
     assert report.id_accuracy is not None and verify_run(tmp_path / "run") == []
+
+
+def test_a_runs_encoder_and_classifier_load_in_one_line(finished_run: Path) -> None:
+    import torch
+
+    from dreamood.encoder import TextConditionedEncoder
+    from dreamood.models import Classifier
+
+    config, data = _smoke(finished_run)
+    pipe = Pipeline(config, data)
+    images = data.test.tensors[0][:8]  # type: ignore[attr-defined]
+    classifier = Classifier.from_pretrained(finished_run / "classifier")
+    assert torch.equal(classifier(images), pipe.load("classifier")(images))
+    encoder = TextConditionedEncoder.from_pretrained(finished_run / "encoder")
+    assert torch.equal(encoder.embed(images), pipe.load("encoder").embed(images))

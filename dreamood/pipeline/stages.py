@@ -48,6 +48,8 @@ T = TypeVar("T")
 
 # The file generate_images writes once every image of the folder exists.
 MANIFEST = "manifest.jsonl"
+# What save_pretrained writes: the encoder and the classifier of a run load with from_pretrained("run/<stage>").
+PRETRAINED_FILES = ("config.json", "model.safetensors", "README.md")
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,7 @@ def _make_encoder(pipe: Pipeline, anchors: TokenEmbeddings) -> TextConditionedEn
         fingerprint=pipe.fingerprint(ENCODER),
     )
     save_checkpoint(pipe.path(ENCODER), {"model": encoder.state_dict()})
+    encoder.save_pretrained(pipe.output_dir / "encoder")  # TextConditionedEncoder.from_pretrained("run/encoder")
     return encoder
 
 
@@ -217,6 +220,7 @@ ENCODER: Stage[TextConditionedEncoder] = Stage(
     load=_load_encoder,
     summary=lambda encoder: f"encoder: {type(encoder.backbone).__name__} -> {encoder.embedding_dim}-d embeddings",
     settings=("encoder", "data", "seed", "benchmark"),
+    files=("encoder.pt", *(f"encoder/{name}" for name in PRETRAINED_FILES)),
     workdirs=("encoder",),
     component="backbone_factory",
 )
@@ -363,6 +367,7 @@ def _make_classifier(pipe: Pipeline, images: Path) -> Classifier:
         train_classifier(model, id_loader, cfg, synthetic_id_loader=generated_loader, init_checkpoint=init, **where)
     if is_main_process():
         save_checkpoint(pipe.path(CLASSIFIER), {"model": model.state_dict()})
+        model.save_pretrained(pipe.output_dir / "classifier")  # Classifier.from_pretrained("run/classifier")
     barrier()
     return model.eval()
 
@@ -454,6 +459,7 @@ CLASSIFIER: Stage[Classifier] = Stage(
     load=_load_classifier,
     summary=lambda model: f"classifier: {type(model.backbone).__name__}, {model.num_classes} classes",
     settings=("training", "method", "data", "seed", "benchmark"),
+    files=("classifier.pt", *(f"classifier/{name}" for name in PRETRAINED_FILES)),
     distributed=True,
     workdirs=("classifier",),
     component="backbone_factory",
