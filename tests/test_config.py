@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,8 @@ from dreamood.config import (
     ConfigError,
     GenerationConfig,
     PipelineConfig,
+    TrainConfig,
+    TrainingConfig,
     apply_overrides,
     config_from_dict,
     load_config,
@@ -220,7 +225,7 @@ def test_overrides_parse_values_as_toml_literals() -> None:
 @given(
     epochs=st.integers(1, 10**6),
     sigma=st.floats(1e-6, 10.0, allow_nan=False),
-    name=st.text(min_size=1, max_size=12).filter(lambda text: text.strip() not in ("null", "none", "None")),
+    name=st.text(min_size=1, max_size=12).filter(lambda text: text.strip() not in ("", "null", "none", "None")),
 )
 def test_override_strings_round_trip(epochs: int, sigma: float, name: str) -> None:
     config = apply_overrides(
@@ -239,3 +244,58 @@ def test_few_step_generation_settings_load(tmp_path: Path) -> None:
     generation = load_config(path).generation
     assert (generation.scheduler, generation.steps, generation.lora, generation.lora_scale) == ("lcm", 4, "lcm-lora", 1)
     assert GenerationConfig().lora is None and GenerationConfig().lora_scale == 1.0
+
+
+# ---- the [training] section is the training loop's TrainingConfig plus the run's model and batch settings ---------
+
+
+def test_training_section_extends_the_loop_config(tmp_path: Path) -> None:
+    loop_fields = [item.name for item in dataclasses.fields(TrainingConfig)]
+    assert [item.name for item in dataclasses.fields(TrainConfig)][: len(loop_fields)] == loop_fields
+    section = TrainConfig()
+    assert isinstance(section, TrainingConfig)
+    # The paper's CIFAR-100 recipe; every other loop field keeps the loop's default.
+    assert (section.epochs, section.beta) == (200, 2.5)
+    loop = TrainingConfig(epochs=200, beta=2.5)
+    assert {name: getattr(section, name) for name in loop_fields} == loop.to_dict()
+    path = tmp_path / "run.toml"
+    path.write_text("[training]\nnesterov = false\nmin_lr = 0.001\nood_start_epoch = 3\nsync_every = 1\n")
+    config = load_config(path)
+    assert (config.training.nesterov, config.training.min_lr) == (False, 0.001)
+    assert (config.training.ood_start_epoch, config.training.sync_every) == (3, 1)
+    assert apply_overrides(config, {"training.sync_every": "4"}).training.sync_every == 4
+    assert config_from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("lr = -1.0\n", r"training.lr must be a finite number > 0, got -1.0"),
+        ("min_lr = 0.5\n", r"training.min_lr must not exceed lr, got min_lr=0.5 and lr=0.1"),
+        ("momentum = 0.0\n", r"training.nesterov=True needs momentum > 0"),
+        ("sync_every = 0\n", r"training.sync_every must be > 0, got 0"),
+        ("ood_start_epoch = -1\n", r"training.ood_start_epoch must be >= 0, got -1"),
+        ("amp = 'fp8'\n", r"training.amp must be one of 'bf16', 'fp16', got 'fp8'"),
+        ("compile_mode = 'fast'\ncompile = true\n", r"training.compile_mode must be one of 'default'"),
+        ("batch_size = 0\n", r"training.batch_size must be > 0, got 0"),
+    ],
+)
+def test_bad_training_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[training]\n" + text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_loop_config_checks_types_and_ranges_without_torch() -> None:
+    with pytest.raises(ConfigError, match="epochs must be > 0, got 0"):
+        TrainingConfig(epochs=0)
+    with pytest.raises(TypeError, match="epochs must be an int, got float 2.0"):
+        TrainingConfig(epochs=2.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="lr must be a number, got str 'fast'"):
+        TrainingConfig(epochs=1, lr="fast")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="beta must be a finite number >= 0, got inf"):
+        TrainingConfig(epochs=1, beta=float("inf"))
+    code = "import sys, dreamood.config; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
