@@ -20,7 +20,7 @@ from dreamood._utils import library_progress_bars, resolve_device
 from dreamood._validation import check_choice
 from dreamood.config import PipelineConfig
 from dreamood.errors import ArtifactError, StaleArtifactError
-from dreamood.io import atomic_write, remove_temporaries
+from dreamood.io import atomic_write
 from dreamood.pipeline.baselines import BASELINES, BaselineConfig, BaselineRunner
 from dreamood.pipeline.components import (
     BackboneFactory,
@@ -32,12 +32,11 @@ from dreamood.pipeline.components import (
     config_sampler,
 )
 from dreamood.pipeline.data import PipelineData, build_data, class_names_of
-from dreamood.pipeline.lock import RunFolderLock
+from dreamood.pipeline.folder import RunFolder
 from dreamood.pipeline.records import (
     StageRecord,
     StageStatus,
     changed_settings,
-    file_digest,
     fingerprint_of,
     settings_of,
 )
@@ -83,8 +82,6 @@ class TrainingRun(TypedDict):
     fingerprint: str
 
 
-# Keys that do not change any artefact, so a change of them is not reported.
-_NEUTRAL_KEYS = frozenset({"progress", "data.num_workers", "output_dir"})
 # Where a custom component is said to come from in a fingerprint when none is given.
 _FROM_CONFIG = "from the configuration"
 
@@ -137,6 +134,7 @@ class Pipeline:
     Attributes:
         config: The configuration.
         output_dir: Where the artefacts are written.
+        folder: The output folder: its lock, records and bookkeeping files.
         device: The device stages run on.
         baselines: The baselines' settings.
         force: The names of the stages and baselines to redo.
@@ -180,7 +178,7 @@ class Pipeline:
         self._decoder_factory = decoder_factory
         self._backbone_factory = backbone_factory
         self._baseline_runner = BaselineRunner(self, self.baselines)
-        self._lock = RunFolderLock(self.output_dir)
+        self.folder = RunFolder(self.output_dir)
         self._fresh: set[str] = set()  # stages this object started afresh
 
     # ---- components -------------------------------------------------------------------------------------
@@ -513,14 +511,8 @@ class Pipeline:
         Raises:
             RunFolderLockedError: Another process holds the lock.
         """
-        if not is_main_process():
+        with self.folder.locked():
             yield
-            return
-        self._lock.acquire()
-        try:
-            yield
-        finally:
-            self._lock.release()
 
     def remove_temporaries(self, paths: Sequence[Path]) -> None:
         """Delete the temporary files that a process killed while writing ``paths`` left behind.
@@ -528,9 +520,7 @@ class Pipeline:
         Args:
             paths: The files whose temporaries to delete.
         """
-        removed = sum(remove_temporaries(path) for path in paths)
-        if removed:
-            logger.info("removed %d temporary file(s) left by an interrupted write of %s", removed, paths[0].name)
+        self.folder.remove_temporaries(paths)
 
     def execute(self, stage: Stage[T], *inputs: Any) -> T:
         """Run one stage on its inputs' results, or load its artefact when it is done, current and not forced.
@@ -570,7 +560,7 @@ class Pipeline:
                 self._fresh.add(stage.name)
             if is_main_process():
                 if status.fresh:
-                    self._delete_state(stage)
+                    self.folder.delete_state(stage)
                 self._write_record(stage, "running")
             barrier()
             start = time.perf_counter()
@@ -578,29 +568,11 @@ class Pipeline:
             seconds = time.perf_counter() - start
             if is_main_process():
                 self._write_record(stage, "done")
-                self._record_time(stage.name, seconds)
+                self.folder.record_time(stage.name, seconds)
             logger.info("[%s] done in %.1f s: %s", stage.name, seconds, self.path(stage))
             return result
 
-    def _delete_state(self, stage: Stage[Any]) -> None:
-        """Delete what a previous run of ``stage`` left: its work folders and its files."""
-        import shutil
-
-        for name in (*stage.workdirs, *stage.written_files()):
-            target = self.output_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
-
     def _write_record(self, stage: Stage[Any], status: str) -> None:
-        files: dict[str, str] = {}
-        if status == "done":
-            for name in stage.written_files():
-                if (self.output_dir / name).is_file():
-                    files[name] = file_digest(self.output_dir / name)
-            if (self.output_dir / stage.artifact).is_file():
-                files[stage.artifact] = file_digest(self.output_dir / stage.artifact)
         StageRecord(
             stage=stage.name,
             fingerprint=self.fingerprint(stage),
@@ -608,7 +580,7 @@ class Pipeline:
             settings=self._settings(stage),
             components=self._components(stage),
             inputs={name: self.fingerprint(name) for name in stage.inputs},
-            files=files,
+            files=self.folder.digests(stage) if status == "done" else {},
         ).write(self.output_dir)
 
     def verify(self, stage: str | Stage[Any]) -> list[str]:
@@ -623,21 +595,7 @@ class Pipeline:
         Raises:
             ArtifactError: The stage's record is unreadable.
         """
-        record = stage_named(stage) if isinstance(stage, str) else stage
-        saved = StageRecord.read(self.output_dir, record.name)
-        if saved is None or saved.status != "done":
-            return []
-        problems = []
-        for name, digest in saved.files.items():
-            path = self.output_dir / name
-            if not path.is_file():
-                problems.append(f"{path} is missing (the {record.name} stage wrote it)")
-            elif file_digest(path) != digest:
-                problems.append(
-                    f"{path} was changed after the {record.name} stage wrote it (its SHA-256 differs from the "
-                    f"recorded {digest[:12]}...)"
-                )
-        return problems
+        return self.folder.verify(stage_named(stage) if isinstance(stage, str) else stage)
 
     def run_stage(self, stage: str | Stage[T]) -> Any:
         """Run one stage, reading its inputs' artefacts from the output folder (what ``dreamood <stage>`` does).
@@ -684,37 +642,13 @@ class Pipeline:
             raise ArtifactError(f"{'; '.join(problems)}: redo the stage (force {record.name}) or restore the file")
         return record.load(self, self.path(record))
 
-    def _record_time(self, stage: str, seconds: float) -> None:
-        path = self.output_dir / "timings.json"
-        self.remove_temporaries([path])
-        timings = _read_json_object(path, "the stage timings, rewritten")
-        timings[stage] = round(seconds, 3)
-        with atomic_write(path, "w") as handle:
-            handle.write(json.dumps(timings, indent=2))
-
     def write_config(self) -> Path:
         """Write the configuration to ``output_dir/config.json``, warning when it differs from the one there.
 
         Returns:
             The path written.
         """
-        path = self.output_dir / "config.json"
-        current = self.config.to_dict()
-        if path.is_file():
-            previous = _read_json_object(path, "the previous configuration, replaced by this run's")
-            changed = sorted(set(_changed_keys(previous, current)) - _NEUTRAL_KEYS) if previous else []
-            if changed:
-                logger.warning(
-                    "the configuration differs from the one of the artefacts in %s (%s); the stages that depend on "
-                    "these keys are redone, with everything after them",
-                    self.output_dir,
-                    ", ".join(changed),
-                )
-        if is_main_process():
-            self.remove_temporaries([path])
-            with atomic_write(path, "w") as handle:
-                handle.write(json.dumps(current, indent=2))
-        return path
+        return self.folder.write_config(self.config.to_dict())
 
     # ---- the stages -------------------------------------------------------------------------------------
 
@@ -970,26 +904,3 @@ class Pipeline:
             Accuracy (a fraction) on the ID test set and each generalisation set.
         """
         return self._baseline_runner.generalization_baseline(name)
-
-
-def _read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object file of the run folder; an unreadable one is reported (naming the file) and read as empty."""
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        logger.warning("%s is not valid JSON (%s); it held %s", path, error, what)
-        return {}
-    if not isinstance(value, dict):
-        logger.warning("%s holds a JSON %s, not an object; it held %s", path, type(value).__name__, what)
-        return {}
-    return value
-
-
-def _changed_keys(old: Any, new: Any, prefix: str = "") -> Iterator[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            yield from _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
-    elif old != new:
-        yield prefix.rstrip(".")
