@@ -222,6 +222,6 @@ def test_generation_stage_runs_on_every_backend(tmp_path: Path, family: str) -> 
     result = generate_images(decoder, samples, tmp_path / "images", batch_size=2, show_progress=False)
     assert result.generated == 4
     files = sorted((tmp_path / "images").glob("*/*.png"))
-    assert [path.parent.name for path in files] == ["0", "0", "2", "2"]
+    assert [path.parent.name for path in files] == ["000", "000", "002", "002"]
     with Image.open(files[0]) as image:
         assert image.size == (16, 16)

@@ -143,13 +143,13 @@ def _(env: Env) -> Any:
     return ood_metrics(torch.tensor([0.1, 0.3]), torch.tensor([-INF, 0.2]))
 
 
-@case("nan-logits-through-energy-into-metrics", NonFiniteError, r"id_scores contains 1 NaN and 0 infinite value")
+@case("nan-logits-through-energy-into-metrics", NonFiniteError, r"logits contains 1 NaN and 0 infinite value")
 def _(env: Env) -> Any:
     # energy_score itself does not synchronise to look for NaN (documented); the metrics reject the result.
     return ood_metrics(energy_score(_with_nan(torch.zeros(3, 4), (1, 2))), energy_score(torch.ones(2, 4)))
 
 
-@case("evaluator-model-returns-nan", NonFiniteError, r"id_scores contains 4 NaN")
+@case("evaluator-model-returns-nan", NonFiniteError, r"logits contains 12 NaN")
 def _(env: Env) -> Any:
     evaluator = OODEvaluator(energy_score, model=lambda x: x * NAN, progress=False, device="cpu")
     return evaluator.evaluate([torch.ones(4, 3)], {"noise": [torch.ones(4, 3)]})

@@ -248,10 +248,22 @@ def test_train_classifier_resumes_only_a_checkpoint_of_the_same_run(tmp_path: Pa
     for a, b in zip(trained.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
     for config, options, message in [
-        (TrainingConfig(epochs=2, lr=0.05), {"fingerprint": "run A"}, "written with lr=0.1, this run has lr=0.05"),
-        (TrainingConfig(epochs=2), {"fingerprint": "run A", "seed": 1}, "written with seed=0, this run has seed=1"),
+        (
+            TrainingConfig(epochs=2, lr=0.05),
+            {"fingerprint": "run A"},
+            "written with settings.lr=0.1, this run has settings.lr=0.05",
+        ),
+        (
+            TrainingConfig(epochs=2),
+            {"fingerprint": "run A", "seed": 1},
+            "written with settings.seed=0, this run has settings.seed=1",
+        ),
         (TrainingConfig(epochs=2), {"fingerprint": "run B"}, "written with fingerprint='run A', this run has"),
-        (TrainingConfig(epochs=2, amp="bf16"), {"fingerprint": "run A"}, "written with amp=None, this run has amp="),
+        (
+            TrainingConfig(epochs=2, amp="bf16"),
+            {"fingerprint": "run A"},
+            "written with settings.amp=None, this run has settings.amp=",
+        ),
     ]:
         with pytest.raises(ValueError, match=rf"cannot resume from .*checkpoint.pt: it was {message}"):
             _classifier_run(tmp_path, config, **options)
@@ -284,7 +296,7 @@ def test_fit_encoder_resumes_only_a_checkpoint_of_the_same_run(tmp_path: Path) -
 
     fit(lr=0.1, fingerprint="run A")
     fit(lr=0.1, fingerprint="run A")  # finished: resumes and trains nothing
-    with pytest.raises(ValueError, match="it was written with lr=0.1, this run has lr=0.05"):
+    with pytest.raises(ValueError, match="it was written with settings.lr=0.1, this run has settings.lr=0.05"):
         fit(lr=0.05, fingerprint="run A")
     with pytest.raises(ValueError, match="it was written with fingerprint='run A', this run has fingerprint='run B'"):
         fit(lr=0.1, fingerprint="run B")

@@ -571,7 +571,16 @@ def test_a_run_configuration_trains_with_its_loop_fields_only(tmp_path: Path) ->
     assert torch.equal(weights[0], weights[1])
     # The checkpoints record the loop's fields and the call's run-time arguments, in this order.
     names = [item.name for item in dataclasses.fields(TrainingConfig)]
-    assert list(recorded[0]) == [*names, "device", "seed", "output_dir", "resume", "init_checkpoint", "progress"]
+    assert list(recorded[0]) == [
+        *names,
+        "device",
+        "seed",
+        "output_dir",
+        "resume",
+        "init_checkpoint",
+        "progress",
+        "fingerprint",
+    ]
     assert recorded[0]["output_dir"] == str(tmp_path / "0") and recorded[0]["seed"] == 3
     assert {**recorded[0], "output_dir": None} == {**recorded[1], "output_dir": None}
 

@@ -221,8 +221,8 @@ class TrainingCheckpoint:
                 continue
             if isinstance(saved, Mapping) and isinstance(value, Mapping):
                 keys = sorted(name for name in set(saved) | set(value) if saved.get(name) != value.get(name))
-                written = ", ".join(f"{name}={saved.get(name)!r}" for name in keys)
-                current = ", ".join(f"{name}={value.get(name)!r}" for name in keys)
+                written = ", ".join(f"{key}.{name}={saved.get(name)!r}" for name in keys)
+                current = ", ".join(f"{key}.{name}={value.get(name)!r}" for name in keys)
             else:
                 written, current = f"{key}={saved!r}", f"{key}={value!r}"
             raise ValueError(
