@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from dreamood import __version__
@@ -395,23 +395,11 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text} (run with --debug for the traceback)"
 
 
-@contextlib.contextmanager
-def _logging_to_stderr(quiet: bool) -> Iterator[None]:
+def _logging_to_stderr(quiet: bool) -> contextlib.AbstractContextManager[None]:
     """Show dreamood's log messages on stderr (warnings only with ``quiet`` or off rank 0) during the command."""
-    level = logging.WARNING if quiet or int(os.environ.get("RANK", "0")) != 0 else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.getLogger("dreamood")
-    saved = (logger.level, logger.propagate)
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
+    from dreamood.logs import log_to_stderr
+
+    return log_to_stderr(logging.WARNING if quiet or int(os.environ.get("RANK", "0")) != 0 else logging.INFO)
 
 
 def _close_process_group(*, succeeded: bool) -> None:

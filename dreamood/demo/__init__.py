@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from dreamood.demo.config import DemoConfig
@@ -156,31 +156,16 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _logging_to_stderr() -> Iterator[None]:
+def _logging_to_stderr() -> contextlib.AbstractContextManager[None]:
     """Show the ``dreamood`` logger's messages (stage headers, notes) on stderr during the run.
 
     ``dreamood demo`` already does this for every command; the handler is added only when the logger has none.
     """
     import logging
-    import sys
 
-    logger = logging.getLogger("dreamood")
-    if logger.handlers:
-        yield
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    saved = (logger.level, logger.propagate)
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
+    from dreamood.logs import log_to_stderr
+
+    return contextlib.nullcontext() if logging.getLogger("dreamood").handlers else log_to_stderr(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
