@@ -58,7 +58,6 @@ _EXPORTS: dict[str, str] = {
     "Embedder": "dreamood.protocols",
     "EmbeddingSampler": "dreamood.protocols",
     "EmbeddingDecoder": "dreamood.protocols",
-    "FeatureDetector": "dreamood.protocols",
     "FeatureOutlierSampler": "dreamood.protocols",
     "Scorer": "dreamood.protocols",
     # Errors
@@ -90,7 +89,6 @@ if TYPE_CHECKING:
         Embedder,
         EmbeddingDecoder,
         EmbeddingSampler,
-        FeatureDetector,
         FeatureOutlierSampler,
         Scorer,
     )

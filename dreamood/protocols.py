@@ -13,8 +13,6 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
-
     from dreamood.anchors import TokenEmbeddings
     from dreamood.feature_bank import FeatureBank
     from dreamood.sampling.samples import EmbeddingSamples
@@ -24,7 +22,6 @@ __all__ = [
     "Embedder",
     "EmbeddingDecoder",
     "EmbeddingSampler",
-    "FeatureDetector",
     "FeatureOutlierSampler",
     "Scorer",
 ]
@@ -97,19 +94,6 @@ class Scorer(Protocol):
 
     def __call__(self, batch: Tensor) -> Tensor:
         """Score ``batch``."""
-        ...
-
-
-@runtime_checkable
-class FeatureDetector(Protocol):
-    """A post-hoc detector on features or logits: ``fit`` then ``score`` (higher = more in-distribution)."""
-
-    def fit(self, features: Tensor, labels: Tensor) -> Self:
-        """Learn what the detector needs from in-distribution data; return ``self``."""
-        ...
-
-    def score(self, features: Tensor) -> Tensor:
-        """Return one score per row of ``features``, higher = more in-distribution."""
         ...
 
 

@@ -5,8 +5,8 @@ based on In-Distribution Data Patterns Memorization with Modern Hopfield Energy"
 one pattern per class, the mean penultimate feature of the training samples the classifier gets right;
 ``score`` is the inner product of a feature with the pattern of its predicted class. Subclassing
 :class:`dreamood.detectors.Detector` gives it the library's conventions (``inputs``, ``reference``, a
-``repr``, a not-fitted error, ``__call__``); any class with the two methods satisfies
-:class:`dreamood.FeatureDetector` without inheriting from anything.
+``repr``, a not-fitted error, ``__call__``); :class:`~dreamood.evaluation.OODEvaluator` takes any object with a
+``score`` method (:class:`dreamood.evaluation.SupportsScore`), inherited or not.
 
 It is evaluated on tiny synthetic features next to two built-in detectors:
 
@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dreamood import FeatureDetector, OODEvaluator
+from dreamood import OODEvaluator
 from dreamood.detectors import KNN, Detector, Mahalanobis
+from dreamood.evaluation import SupportsScore
 
 
 class SHE(Detector):
@@ -111,7 +112,7 @@ def main() -> dict[str, object]:
     head = nearest_mean_head(data["means"])
 
     she = SHE(head)
-    assert isinstance(she, FeatureDetector)  # fit(features, labels) and score(features)
+    assert isinstance(she, SupportsScore)  # what OODEvaluator consumes: score(features)
     detectors = {"SHE": she, "Mahalanobis": Mahalanobis(), "KNN": KNN(k=10)}
     # Without a model, the evaluator hands each loader batch (here: features) straight to the detector.
     id_batches = list(data["test"].split(64))

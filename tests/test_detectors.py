@@ -18,7 +18,8 @@ from dreamood.detectors.base import linear_parameters, percentile_of
 from dreamood.detectors.distance import symmetric_pinv
 from dreamood.detectors.vim import default_principal_dim
 from dreamood.errors import NonFiniteError
-from dreamood.protocols import FeatureDetector, Scorer
+from dreamood.evaluation import SupportsScore
+from dreamood.protocols import Scorer
 
 N_CLASSES, DIM = 4, 8
 
@@ -403,7 +404,7 @@ def test_every_detector_declares_inputs_and_reference(cls: type[Detector]) -> No
 def test_detectors_satisfy_the_protocols() -> None:
     weight = torch.randn(N_CLASSES, DIM)
     for detector in [MSP(), Energy(), *_feature_detectors(weight, torch.zeros(N_CLASSES))]:
-        assert isinstance(detector, FeatureDetector) and isinstance(detector, Scorer)
+        assert isinstance(detector, Detector) and isinstance(detector, SupportsScore) and isinstance(detector, Scorer)
     assert repr(ReAct(weight, percentile=80)) == "ReAct(percentile=80.0, device=None)"
 
 

@@ -299,11 +299,11 @@ def test_custom_detector_report_matches_sklearn(detector_run: tuple[dict[str, An
 
 def test_custom_detector_follows_the_detector_conventions(detector_run: tuple[dict[str, Any], Any, str]) -> None:
     namespace, result, _ = detector_run
-    from dreamood import FeatureDetector
+    from dreamood.detectors import Detector
     from dreamood.errors import NotFittedError
 
     she = namespace["SHE"](result["head"])
-    assert isinstance(she, FeatureDetector)
+    assert isinstance(she, Detector)
     with pytest.raises(NotFittedError):
         she.score(result["data"]["test"])
     assert she.fit(result["data"]["train"], result["data"]["train_labels"]) is she
