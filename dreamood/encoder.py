@@ -373,7 +373,7 @@ def fit_encoder(
             train_loader,
             total=steps_per_epoch,
             desc=f"encoder epoch {epoch + 1}/{epochs}",
-            disable=not show_progress,
+            disable=None if show_progress else True,  # None: no bar when stderr is not a terminal
             leave=False,
             dynamic_ncols=True,
         )

@@ -434,3 +434,21 @@ def test_a_runs_encoder_and_classifier_load_in_one_line(finished_run: Path) -> N
     assert torch.equal(classifier(images), pipe.load("classifier")(images))
     encoder = TextConditionedEncoder.from_pretrained(finished_run / "encoder")
     assert torch.equal(encoder.embed(images), pipe.load("encoder").embed(images))
+
+
+def test_progress_bars_draw_nothing_into_a_file(tmp_path: Path) -> None:
+    import contextlib
+    import io
+
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dreamood._utils import progress
+    from dreamood.training import TrainingConfig, train_classifier
+
+    captured = io.StringIO()  # not a terminal, like a log file
+    with contextlib.redirect_stderr(captured):
+        assert list(progress(range(3), enabled=True, desc="steps")) == [0, 1, 2]
+        loader = DataLoader(TensorDataset(torch.randn(8, 2), torch.tensor([0, 1] * 4)), batch_size=4)
+        train_classifier(torch.nn.Linear(2, 2), loader, TrainingConfig(epochs=1), device="cpu", progress=True)
+    assert "\r" not in captured.getvalue() and "it/s" not in captured.getvalue()

@@ -118,7 +118,8 @@ def test_progress_bar_moves_at_read_backs(monkeypatch: pytest.MonkeyPatch) -> No
     events: list[tuple[str, Any]] = []
 
     class Bar:
-        def __init__(self, total: int, desc: str, leave: bool) -> None:
+        def __init__(self, total: int, desc: str, leave: bool, disable: bool | None) -> None:
+            assert disable is None  # tqdm's own switch: no bar when stderr is not a terminal
             events.append(("total", total))
 
         def set_postfix(self, refresh: bool, **values: str) -> None:

@@ -752,7 +752,8 @@ class _TrainingRun:
         if config.progress and self.context.is_main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=True)
+            # disable=None: tqdm draws nothing when stderr is not a terminal (no carriage returns in log files).
+            bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=True, disable=None)
         totals = _StepStats(loss=0.0, ce=0.0, ood=0.0, correct=0.0, count=0.0)
         steps = ood_steps = 0
         lr = self.optimizer.param_groups[0]["lr"]
