@@ -475,3 +475,15 @@ def _check_baselines_against_scratch(
     records = (out / "seed-2" / "inliers" / "dream-id" / "manifest.jsonl").read_text().splitlines()
     counts = np.bincount([json.loads(line)["class_index"] for line in records], minlength=len(data.class_names))
     assert counts.tolist() == [config["inliers_per_class"]] * len(data.class_names)
+
+
+def test_a_killed_runs_figure_temporaries_are_removed(tmp_path: Path) -> None:
+    from dreamood.demo.pipeline import _output_dir
+
+    (tmp_path / "figures").mkdir()
+    stale = [tmp_path / "figures" / ".embeddings.png.k2j3h.tmp", tmp_path / ".metrics.json.a8d7f.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    (tmp_path / "figures" / "data.png").write_bytes(b"a figure")
+    assert _output_dir(str(tmp_path)) == tmp_path
+    assert not any(path.exists() for path in stale) and (tmp_path / "figures" / "data.png").exists()

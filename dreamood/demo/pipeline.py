@@ -248,9 +248,13 @@ def _metrics(demo: DemoRun, seed_runs: list[SeedRun], environment: dict[str, Any
 
 
 def _output_dir(out_dir: str | None) -> Path:
+    """The demo's output folder, with the temporary files of a run killed while writing a figure removed."""
     path = Path(out_dir) if out_dir else Path.cwd() / time.strftime("dreamood-demo-%Y%m%d-%H%M%S")
     path.mkdir(parents=True, exist_ok=True)
     (path / "figures").mkdir(exist_ok=True)
+    for folder in (path, path / "figures"):
+        for stale in folder.glob(".*.tmp"):  # atomic_write's temporaries: ".<name>.<random>.tmp"
+            stale.unlink(missing_ok=True)
     return path
 
 
