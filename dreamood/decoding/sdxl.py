@@ -18,34 +18,16 @@ Decoding a class's own ``T(y)`` gives exactly the plain pipeline's image for the
 
 from __future__ import annotations
 
-import importlib.util
-import operator
 import os
-import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from dreamood._utils import DeviceLike, progress, resolve_device
-from dreamood._validation import (
-    as_tensor,
-    check_choice,
-    check_class_names,
-    check_finite,
-    check_floating,
-    check_positive,
-    check_positive_int,
-    check_rank,
-    check_size_pair,
-)
-from dreamood.config import COMPILE_MODES
-from dreamood.decoding.few_step import SCHEDULERS, apply_lora, make_scheduler
+from dreamood._utils import DeviceLike
+from dreamood.decoding._diffusers import DiffusersDecoder, check_pipeline_parts, check_sampling, load_pipeline
 from dreamood.decoding.injection import PromptTokens, build_injection_prompts, inject_token_embeddings, tokenize_prompts
-from dreamood.errors import ModelNotFoundError
-from dreamood.pretrained import resolve_pretrained
 
 __all__ = ["SDXL_PARTS", "StableDiffusionXLDecoder", "encode_sdxl_tokens"]
 
@@ -109,7 +91,7 @@ def encode_sdxl_tokens(
     return embeds, pooled
 
 
-class StableDiffusionXLDecoder:
+class StableDiffusionXLDecoder(DiffusersDecoder):
     """Render sampled token embeddings as images with a diffusers Stable Diffusion XL pipeline.
 
     The decoder of :class:`~dreamood.decoding.stable_diffusion.StableDiffusionDecoder` for a model with two text
@@ -151,9 +133,6 @@ class StableDiffusionXLDecoder:
             ``{}``, a class name does not appear as its own tokens in its prompt, or a prompt is too long.
     """
 
-    #: The LoRA fused into the pipeline by :meth:`from_pretrained` (its tensors' hash and scale), or ``None``.
-    lora: dict[str, Any] | None = None
-
     def __init__(
         self,
         pipeline: Any,
@@ -171,22 +150,17 @@ class StableDiffusionXLDecoder:
         device: DeviceLike = None,
         progress: bool = True,
     ) -> None:
-        for part in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae", "scheduler"):
-            if getattr(pipeline, part, None) is None:
-                raise ValueError(
-                    f"pipeline has no {part}; a Stable Diffusion XL pipeline with two text encoders is needed"
-                )
-        check_positive_int(num_inference_steps, "num_inference_steps")
-        check_positive(float(guidance_scale), "guidance_scale", allow_zero=True)
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise TypeError(f"negative_prompt must be a string or None, got {type(negative_prompt).__name__}")
-        for side, name in ((height, "height"), (width, "width")):
-            check_positive_int(side, name)
-            if side % 8:
-                raise ValueError(f"{name} must be a multiple of 8, got {side}")
-        if batch_size is not None:
-            check_positive_int(batch_size, "batch_size")
-        check_choice(resize_mode, ("bilinear", "bicubic"), "resize_mode")
+        check_pipeline_parts(pipeline, SDXL_PARTS, "a Stable Diffusion XL pipeline with two text encoders")
+        check_sampling(
+            num_inference_steps,
+            guidance_scale,
+            negative_prompt,
+            height,
+            width,
+            batch_size,
+            resize_mode,
+            negative_optional=True,
+        )
         tokenizers = (pipeline.tokenizer, pipeline.tokenizer_2)
         encoders = (pipeline.text_encoder, pipeline.text_encoder_2)
         for index, (tokenizer, encoder) in enumerate(zip(tokenizers, encoders)):
@@ -198,18 +172,20 @@ class StableDiffusionXLDecoder:
                     f"{positions} positions"
                 )
 
-        self.pipeline: Any = pipeline
-        self._class_names = check_class_names(class_names)
+        self._set_sampling(
+            pipeline,
+            class_names,
+            num_inference_steps,
+            guidance_scale,
+            height,
+            width,
+            output_size,
+            batch_size,
+            resize_mode,
+            progress,
+        )
         self.prompt_template = prompt_template
-        self.num_inference_steps = num_inference_steps
-        self.guidance_scale = float(guidance_scale)
         self.negative_prompt = negative_prompt
-        self.height = height
-        self.width = width
-        self.output_size = None if output_size is None else check_size_pair(output_size, "output_size")
-        self.batch_size = batch_size
-        self.resize_mode = resize_mode
-        self.progress = progress
         self.prompt_tokens: tuple[PromptTokens, PromptTokens] = (
             build_injection_prompts(tokenizers[0], prompt_template, self._class_names),
             build_injection_prompts(tokenizers[1], prompt_template, self._class_names),
@@ -217,9 +193,7 @@ class StableDiffusionXLDecoder:
         if negative_prompt is not None:
             for tokenizer in tokenizers:
                 tokenize_prompts(tokenizer, [negative_prompt], what="negative_prompt")
-        pipeline.set_progress_bar_config(disable=not progress)
-        if device is not None:
-            pipeline.to(resolve_device(device))
+        self._place(device)
 
     @classmethod
     def from_pretrained(
@@ -277,102 +251,34 @@ class StableDiffusionXLDecoder:
             ValueError: An argument is invalid.
         """
         from diffusers import StableDiffusionXLPipeline
-        from safetensors import SafetensorError
 
-        from dreamood.decoding.stable_diffusion import _dtype_keyword, _resolve_dtype
-
-        check_choice(scheduler, SCHEDULERS, "scheduler")
-        target = resolve_device(device)
-        dtype = _resolve_dtype(torch_dtype, target)
-        source = resolve_pretrained(model_id_or_path, SDXL_PARTS, local_files_only=local_files_only)
-        try:
-            pipeline = StableDiffusionXLPipeline.from_pretrained(  # type: ignore[no-untyped-call]
-                source,
-                **_dtype_keyword(dtype),
-                add_watermarker=False,
-                local_files_only=local_files_only,
-                low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
-            )
-        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError) as error:
-            detail = " ".join(str(error).split())[:300] or type(error).__name__
-            raise ModelNotFoundError(
-                f"could not load the Stable Diffusion XL pipeline from {source!r}: its weights are missing, truncated "
-                f"or corrupt ({type(error).__name__}: {detail}). An SDXL folder holds {', '.join(SDXL_PARTS)}, each "
-                f"with its config and weights; download it again (e.g. `hf download {model_id_or_path} "
-                "--local-dir <folder>`)"
-            ) from error
-        pipeline.scheduler = make_scheduler(scheduler, pipeline.scheduler)
-        lora_config = None
-        if lora is not None:
-            lora_config = apply_lora(pipeline, lora, scale=lora_scale, local_files_only=local_files_only)
-        pipeline.to(target)
-        decoder = cls(pipeline, class_names, **kwargs)
-        decoder.lora = lora_config
-        return decoder.enable_speedups(
-            sdpa=sdpa,
-            channels_last=channels_last,
-            fuse_qkv_projections=fuse_qkv_projections,
-            compile=compile,
-            compile_vae=compile_vae,
-            compile_mode=compile_mode,
-            compile_backend=compile_backend,
+        pipeline, lora_config = load_pipeline(
+            StableDiffusionXLPipeline,
+            model_id_or_path,
+            SDXL_PARTS,
+            torch_dtype=torch_dtype,
+            device=device,
+            scheduler=scheduler,
+            local_files_only=local_files_only,
+            lora=lora,
+            lora_scale=lora_scale,
+            options={"add_watermarker": False},
+            failure=lambda source, error: (
+                f"could not load the Stable Diffusion XL pipeline from {source}: its weights are missing, truncated "
+                f"or corrupt ({error}). An SDXL folder holds {', '.join(SDXL_PARTS)}, each with its config and "
+                f"weights; download it again (e.g. `hf download {model_id_or_path} --local-dir <folder>`)"
+            ),
         )
-
-    def enable_speedups(
-        self,
-        *,
-        sdpa: bool = True,
-        channels_last: bool = False,
-        fuse_qkv_projections: bool = False,
-        compile: bool = False,
-        compile_vae: bool = False,
-        compile_mode: str = "default",
-        compile_backend: str = "inductor",
-    ) -> StableDiffusionXLDecoder:
-        """Switch on inference speed-ups in place, as ``StableDiffusionDecoder.enable_speedups`` does.
-
-        Args:
-            sdpa: Set PyTorch's scaled-dot-product attention processor on the UNet and VAE.
-            channels_last: Put the UNet and VAE in channels-last memory format.
-            fuse_qkv_projections: Fuse the attention layers' query/key/value projections.
-            compile: Compile the UNet with ``torch.compile``.
-            compile_vae: Compile the VAE decoder with ``torch.compile``.
-            compile_mode: ``torch.compile`` mode (inductor backend only).
-            compile_backend: ``torch.compile`` backend.
-
-        Returns:
-            ``self``.
-
-        Raises:
-            ValueError: ``compile_mode`` or ``compile_backend`` is invalid.
-        """
-        check_choice(compile_mode, COMPILE_MODES, "compile_mode")
-        if not isinstance(compile_backend, str) or not compile_backend:
-            raise ValueError(f"compile_backend must be a backend name such as 'inductor', got {compile_backend!r}")
-        pipeline = self.pipeline
-        if sdpa:
-            from diffusers.models.attention_processor import AttnProcessor2_0
-
-            pipeline.unet.set_attn_processor(AttnProcessor2_0())  # type: ignore[no-untyped-call]
-            pipeline.vae.set_attn_processor(AttnProcessor2_0())  # type: ignore[no-untyped-call]
-        if channels_last:
-            pipeline.unet.to(memory_format=torch.channels_last)
-            pipeline.vae.to(memory_format=torch.channels_last)
-        if fuse_qkv_projections:
-            pipeline.fuse_qkv_projections()
-        options: dict[str, Any] = {"backend": compile_backend}
-        if compile_backend == "inductor":
-            options["mode"] = compile_mode
-        if compile:
-            pipeline.unet.compile(**options)
-        if compile_vae:
-            pipeline.vae.decoder.compile(**options)
-        return self
-
-    @property
-    def class_names(self) -> list[str]:
-        """Names of the classes, indexed by label."""
-        return list(self._class_names)
+        speedups = {
+            "sdpa": sdpa,
+            "channels_last": channels_last,
+            "fuse_qkv_projections": fuse_qkv_projections,
+            "compile": compile,
+            "compile_vae": compile_vae,
+            "compile_mode": compile_mode,
+            "compile_backend": compile_backend,
+        }
+        return cls._wrap(pipeline, lora_config, class_names, speedups, kwargs)
 
     @property
     def split(self) -> tuple[int, int]:
@@ -394,23 +300,13 @@ class StableDiffusionXLDecoder:
     @property
     def config(self) -> dict[str, Any]:
         """Every setting that changes the images, JSON-serialisable (used to tell generated folders apart)."""
-        scheduler = self.pipeline.scheduler
         return {
-            "decoder": type(self).__name__,
-            "scheduler": type(scheduler).__name__,
-            "scheduler_config": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
-            "dtype": str(self.pipeline.unet.dtype),
+            **self._scheduler_settings(),
             "split": list(self.split),
             "prompt_template": self.prompt_template,
             "negative_prompt": self.negative_prompt,
             "force_zeros_for_empty_prompt": self._zero_negative,
-            "num_inference_steps": self.num_inference_steps,
-            "guidance_scale": self.guidance_scale,
-            "height": self.height,
-            "width": self.width,
-            "output_size": None if self.output_size is None else list(self.output_size),
-            "resize_mode": self.resize_mode,
-            **({} if self.lora is None else {"lora": self.lora}),
+            **self._sampling_settings(),
         }
 
     @property
@@ -422,57 +318,13 @@ class StableDiffusionXLDecoder:
     def _encoders(self) -> tuple[Any, Any]:
         return self.pipeline.text_encoder, self.pipeline.text_encoder_2
 
-    def _check_vectors(self, vectors: Tensor | Any, labels: Tensor | Any) -> tuple[Tensor, Tensor]:
-        table = as_tensor(vectors, "vectors")
-        check_rank(table, 2, "vectors", "(batch, embedding_dim)")
-        check_floating(table, "vectors")
-        check_finite(table, "vectors")
-        if table.shape[1] != self.embedding_dim:
-            first, second = self.split
-            raise ValueError(
-                f"vectors have dimension {table.shape[1]} but this Stable Diffusion XL model takes "
-                f"{self.embedding_dim} = {first} + {second} (the rows of its two token tables, concatenated); "
-                "build the anchors with dreamood.decoding.backends.load_anchors or TokenEmbeddings.from_text_encoders"
-            )
-        targets = as_tensor(labels, "labels")
-        check_rank(targets, 1, "labels", "(batch,)")
-        if targets.is_floating_point() or targets.dtype == torch.bool:
-            raise TypeError(f"labels must have an integer dtype, got {targets.dtype}")
-        if targets.shape[0] != table.shape[0]:
-            raise ValueError(f"labels has {targets.shape[0]} entries but vectors has {table.shape[0]} rows")
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= len(self._class_names)):
-            raise ValueError(
-                f"labels must lie in [0, {len(self._class_names) - 1}], got values from {int(targets.min())} "
-                f"to {int(targets.max())}"
-            )
-        return table, targets.long().cpu()
-
-    @staticmethod
-    def _check_seeds(seeds: Sequence[int], count: int) -> list[int]:
-        if isinstance(seeds, (int, str)):
-            raise TypeError(f"seeds must be a sequence of ints (one per image), got {type(seeds).__name__}")
-        values = []
-        for index, seed in enumerate(seeds):
-            try:
-                value = operator.index(seed)
-            except TypeError as error:
-                raise TypeError(f"seeds[{index}] must be an int, got {type(seed).__name__} {seed!r}") from error
-            if value < 0 or value >= 2**63:
-                raise ValueError(f"seeds[{index}] must lie in [0, 2**63), got {value}")
-            values.append(value)
-        if len(values) != count:
-            raise ValueError(f"seeds has {len(values)} entries but {count} images are decoded; give one seed per image")
-        return values
-
-    @staticmethod
-    def _check_prompts(prompts: Sequence[str]) -> list[str]:
-        if isinstance(prompts, str):
-            raise TypeError(f"prompts must be a sequence of strings, not a single string {prompts!r}")
-        texts = list(prompts)
-        for index, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"prompts[{index}] must be a string, got {type(text).__name__}")
-        return texts
+    def _dimension_error(self, width: int) -> str:
+        first, second = self.split
+        return (
+            f"vectors have dimension {width} but this Stable Diffusion XL model takes "
+            f"{self.embedding_dim} = {first} + {second} (the rows of its two token tables, concatenated); "
+            "build the anchors with dreamood.decoding.backends.load_anchors or TokenEmbeddings.from_text_encoders"
+        )
 
     def encode(self, vectors: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Conditioning of the class prompts with each vector's two parts injected in the class slots.
@@ -541,13 +393,7 @@ class StableDiffusionXLDecoder:
             TypeError: ``vectors`` is not floating point, ``labels`` not integer, or a seed not an int.
             NonFiniteError: ``vectors`` holds NaN or infinity.
         """
-        table, targets = self._check_vectors(vectors, labels)
-        seed_list = self._check_seeds(seeds, int(table.shape[0]))
-        chunks = [
-            self._render(*self._encode_injected(table[part], targets[part]), seed_list[part])
-            for part in self._slices(len(seed_list))
-        ]
-        return self._join(chunks)
+        return self._decode(vectors, labels, seeds)
 
     def decode_prompts(self, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:
         """Render plain text prompts, no injection.
@@ -563,21 +409,7 @@ class StableDiffusionXLDecoder:
             ValueError: A prompt exceeds a text encoder's window or the number of seeds differs.
             TypeError: A prompt is not a string or a seed not an int.
         """
-        texts = self._check_prompts(prompts)
-        seed_list = self._check_seeds(seeds, len(texts))
-        chunks = [self._render(*self._encode_texts(texts[part]), seed_list[part]) for part in self._slices(len(texts))]
-        return self._join(chunks)
-
-    def _slices(self, count: int) -> Iterator[slice]:
-        step = self.batch_size or max(count, 1)
-        parts = [slice(start, start + step) for start in range(0, count, step)]
-        return progress(parts, enabled=self.progress and len(parts) > 1, desc="decoding", total=len(parts))
-
-    def _join(self, chunks: list[Tensor]) -> Tensor:
-        if chunks:
-            return torch.cat(chunks)
-        height, width = self.output_size or (self.height, self.width)
-        return torch.empty((0, 3, height, width), device=self.pipeline.device)
+        return self._decode_prompts(prompts, seeds)
 
     def _negative(self, embeds: Tensor, pooled: Tensor) -> tuple[Tensor, Tensor]:
         count = int(embeds.shape[0])
@@ -586,36 +418,19 @@ class StableDiffusionXLDecoder:
         negative, negative_pooled = self._encode_texts([self.negative_prompt or ""], what="negative_prompt")
         return negative.expand(count, -1, -1), negative_pooled.expand(count, -1)
 
-    def _render(self, prompt_embeds: Tensor, pooled: Tensor, seeds: list[int]) -> Tensor:
+    def _render(self, conditioning: tuple[Tensor, Tensor], seeds: list[int]) -> Tensor:
         """Run the pipeline on ready conditioning, with per-image latents and generators."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        pipeline = self.pipeline
-        count = len(seeds)
-        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-        scale = int(pipeline.vae_scale_factor)
-        shape = (count, int(pipeline.unet.config.in_channels), self.height // scale, self.width // scale)
-        # Same draw as the pipeline's own prepare_latents with these generators.
-        latents = randn_tensor(shape, generator=generators, device=pipeline.device, dtype=prompt_embeds.dtype)
+        prompt_embeds, pooled = conditioning
+        generators, latents = self._start(seeds, prompt_embeds.dtype)
         negative, negative_pooled = self._negative(prompt_embeds, pooled) if self.guidance_scale > 1 else (None, None)
-        images: Tensor = pipeline(
+        return self._finish(
+            latents,
+            generators,
             prompt_embeds=prompt_embeds,
             pooled_prompt_embeds=pooled,
             negative_prompt_embeds=negative,
             negative_pooled_prompt_embeds=negative_pooled,
-            latents=latents,
-            generator=generators,
-            num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale,
-            height=self.height,
-            width=self.width,
-            output_type="pt",
-            return_dict=False,
-        )[0]
-        images = images.float()
-        if self.output_size is not None and tuple(images.shape[-2:]) != self.output_size:
-            images = F.interpolate(images, size=self.output_size, mode=self.resize_mode, antialias=True)
-        return images.clamp(0.0, 1.0)
+        )
 
     def __repr__(self) -> str:
         return (

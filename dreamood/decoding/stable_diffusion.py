@@ -9,33 +9,19 @@ authors' code renders ``"A high-quality image of the <word>"`` with their own pe
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import operator
 import os
-import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from dreamood._utils import DeviceLike, progress, resolve_device
-from dreamood._validation import (
-    as_tensor,
-    check_choice,
-    check_class_names,
-    check_finite,
-    check_floating,
-    check_positive,
-    check_positive_int,
-    check_rank,
-    check_size_pair,
-)
+from dreamood._utils import DeviceLike
+from dreamood._validation import check_choice, check_positive
 from dreamood.config import COMPILE_MODES
+from dreamood.decoding._diffusers import DiffusersDecoder, check_pipeline_parts, check_sampling, load_pipeline
 from dreamood.decoding.few_step import SCHEDULERS as FEW_STEP_SCHEDULERS
-from dreamood.decoding.few_step import apply_lora, make_scheduler
 from dreamood.decoding.injection import (
     INJECTION_MODES,
     PromptTokens,
@@ -44,8 +30,6 @@ from dreamood.decoding.injection import (
     encode_prompt_tokens,
     tokenize_prompts,
 )
-from dreamood.errors import ModelNotFoundError
-from dreamood.pretrained import resolve_pretrained
 
 __all__ = ["COMPILE_MODES", "SCHEDULERS", "StableDiffusionDecoder"]
 
@@ -54,45 +38,12 @@ __all__ = ["COMPILE_MODES", "SCHEDULERS", "StableDiffusionDecoder"]
 SCHEDULERS: tuple[str, ...] = FEW_STEP_SCHEDULERS
 
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
 _SD_PARTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 # transformers gives a tokenizer without a configured model_max_length the placeholder int(1e30).
 _UNSET_MAX_LENGTH = 10**29
 
 
-def _make_scheduler(name: str, scheduler: Any) -> Any:
-    """A scheduler of kind ``name`` from a pipeline's scheduler (:func:`~dreamood.decoding.few_step.make_scheduler`)."""
-    return make_scheduler(name, scheduler)
-
-
-def _dtype_keyword(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """The dtype argument of diffusers' ``from_pretrained``: ``dtype`` from 0.40 on, ``torch_dtype`` before."""
-    import diffusers
-
-    major, minor = (int(part) for part in diffusers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (0, 40) else {"torch_dtype": dtype}
-
-
-def _resolve_dtype(torch_dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    if torch_dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(torch_dtype, torch.dtype):
-        if not torch_dtype.is_floating_point:
-            raise ValueError(f"torch_dtype must be a floating-point dtype, got {torch_dtype}")
-        return torch_dtype
-    check_choice(torch_dtype, tuple(_DTYPES), "torch_dtype")
-    return _DTYPES[torch_dtype]
-
-
-class StableDiffusionDecoder:
+class StableDiffusionDecoder(DiffusersDecoder):
     """Render sampled token embeddings as images with a diffusers Stable Diffusion pipeline.
 
     Implements DREAM-OOD's decoding step (Du et al., "Dream the Impossible: Outlier Imagination with Diffusion
@@ -154,9 +105,6 @@ class StableDiffusionDecoder:
             prompt (``"token"`` mode), or a prompt exceeds the text encoder's window.
     """
 
-    #: The LoRA fused into the pipeline by :meth:`from_pretrained` (its tensors' hash and scale), or ``None``.
-    lora: dict[str, Any] | None = None
-
     def __init__(
         self,
         pipeline: Any,
@@ -179,20 +127,17 @@ class StableDiffusionDecoder:
         conditioning_noise: float = 0.0,
         fixed_latent_seed: int | None = None,
     ) -> None:
-        for part in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
-            if getattr(pipeline, part, None) is None:
-                raise ValueError(f"pipeline has no {part}; a Stable Diffusion pipeline is needed")
-        check_positive_int(num_inference_steps, "num_inference_steps")
-        check_positive(float(guidance_scale), "guidance_scale", allow_zero=True)
-        if not isinstance(negative_prompt, str):
-            raise TypeError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
-        for side, name in ((height, "height"), (width, "width")):
-            check_positive_int(side, name)
-            if side % 8:
-                raise ValueError(f"{name} must be a multiple of 8, got {side}")
-        if batch_size is not None:
-            check_positive_int(batch_size, "batch_size")
-        check_choice(resize_mode, ("bilinear", "bicubic"), "resize_mode")
+        check_pipeline_parts(pipeline, _SD_PARTS, "a Stable Diffusion pipeline")
+        check_sampling(
+            num_inference_steps,
+            guidance_scale,
+            negative_prompt,
+            height,
+            width,
+            batch_size,
+            resize_mode,
+            negative_optional=False,
+        )
         check_choice(injection, INJECTION_MODES, "injection")
         check_positive(float(conditioning_noise), "conditioning_noise", allow_zero=True)
         if fixed_latent_seed is not None:
@@ -217,20 +162,22 @@ class StableDiffusionDecoder:
                 f"max_position_embeddings ({positions} for Stable Diffusion v1.x)"
             )
 
-        self.pipeline: Any = pipeline
-        self._class_names = check_class_names(class_names)
+        self._set_sampling(
+            pipeline,
+            class_names,
+            num_inference_steps,
+            guidance_scale,
+            height,
+            width,
+            output_size,
+            batch_size,
+            resize_mode,
+            progress,
+        )
         self.prompt_template: str | list[str] = (
             prompt_template if isinstance(prompt_template, str) else list(prompt_template)
         )
-        self.num_inference_steps = num_inference_steps
-        self.guidance_scale = float(guidance_scale)
         self.negative_prompt = negative_prompt
-        self.height = height
-        self.width = width
-        self.output_size = None if output_size is None else check_size_pair(output_size, "output_size")
-        self.batch_size = batch_size
-        self.resize_mode = resize_mode
-        self.progress = progress
         self.injection = injection
         self.conditioning_noise = float(conditioning_noise)
         self.fixed_latent_seed = fixed_latent_seed
@@ -252,9 +199,7 @@ class StableDiffusionDecoder:
             self.prompt_tokens = build_injection_prompts(pipeline.tokenizer, prompt_template, words)
         # Fail now, not at the first decode, when the unconditional prompt does not fit.
         tokenize_prompts(pipeline.tokenizer, [negative_prompt], what="negative_prompt")
-        pipeline.set_progress_bar_config(disable=not progress)
-        if device is not None:
-            pipeline.to(resolve_device(device))
+        self._place(device)
 
     @classmethod
     def from_pretrained(
@@ -314,109 +259,35 @@ class StableDiffusionDecoder:
             ValueError: An argument is invalid (see the constructor).
         """
         from diffusers import StableDiffusionPipeline
-        from safetensors import SafetensorError
 
-        check_choice(scheduler, SCHEDULERS, "scheduler")
-        target = resolve_device(device)
-        dtype = _resolve_dtype(torch_dtype, target)
-        source = resolve_pretrained(model_id_or_path, _SD_PARTS, local_files_only=local_files_only)
-        try:
-            pipeline = StableDiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
-                source,
-                **_dtype_keyword(dtype),
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-                local_files_only=local_files_only,
-                # What diffusers falls back to without accelerate anyway, minus its warning on every load.
-                low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
-            )
-        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError) as error:
-            detail = " ".join(str(error).split())[:300] or type(error).__name__
-            raise ModelNotFoundError(
-                f"could not load the Stable Diffusion pipeline from {source!r}: its weights are missing, truncated or "
-                f"corrupt ({type(error).__name__}: {detail}). A Stable Diffusion v1.x folder holds tokenizer/, "
-                "text_encoder/, unet/, vae/ and scheduler/, each with its config and weights; download it again "
-                f"(e.g. `hf download {model_id_or_path} --local-dir <folder>`)"
-            ) from error
-        pipeline.scheduler = _make_scheduler(scheduler, pipeline.scheduler)
-        lora_config = None
-        if lora is not None:
-            lora_config = apply_lora(pipeline, lora, scale=lora_scale, local_files_only=local_files_only)
-        pipeline.to(target)
-        decoder = cls(pipeline, class_names, **kwargs)
-        decoder.lora = lora_config
-        return decoder.enable_speedups(
-            sdpa=sdpa,
-            channels_last=channels_last,
-            fuse_qkv_projections=fuse_qkv_projections,
-            compile=compile,
-            compile_vae=compile_vae,
-            compile_mode=compile_mode,
-            compile_backend=compile_backend,
+        pipeline, lora_config = load_pipeline(
+            StableDiffusionPipeline,
+            model_id_or_path,
+            _SD_PARTS,
+            torch_dtype=torch_dtype,
+            device=device,
+            scheduler=scheduler,
+            local_files_only=local_files_only,
+            lora=lora,
+            lora_scale=lora_scale,
+            options={"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
+            failure=lambda source, error: (
+                f"could not load the Stable Diffusion pipeline from {source}: its weights are missing, truncated or "
+                f"corrupt ({error}). A Stable Diffusion v1.x folder holds tokenizer/, text_encoder/, unet/, vae/ "
+                f"and scheduler/, each with its config and weights; download it again (e.g. `hf download "
+                f"{model_id_or_path} --local-dir <folder>`)"
+            ),
         )
-
-    def enable_speedups(
-        self,
-        *,
-        sdpa: bool = True,
-        channels_last: bool = False,
-        fuse_qkv_projections: bool = False,
-        compile: bool = False,
-        compile_vae: bool = False,
-        compile_mode: str = "default",
-        compile_backend: str = "inductor",
-    ) -> StableDiffusionDecoder:
-        """Switch on inference speed-ups of the pipeline in place (they change images only within numerics).
-
-        The fastest configuration on a recent GPU is usually every switch on, in half precision::
-
-            decoder.enable_speedups(channels_last=True, fuse_qkv_projections=True, compile=True, compile_vae=True)
-
-        Compiled modules compile at their first call (minutes for Stable Diffusion at 512x512) and again for
-        every new batch size; keep the batch size fixed.
-
-        Args:
-            sdpa: Set PyTorch's scaled-dot-product attention processor on the UNet and VAE.
-            channels_last: Put the UNet and VAE in channels-last memory format.
-            fuse_qkv_projections: Fuse the query/key/value projections of the UNet's and the VAE's attention
-                layers into one matrix product each (the key/value ones for cross-attention).
-            compile: Compile the UNet with ``torch.compile``.
-            compile_vae: Compile the VAE decoder with ``torch.compile``.
-            compile_mode: ``torch.compile`` mode, one of :data:`COMPILE_MODES` (``"reduce-overhead"`` replays
-                CUDA graphs); used by the inductor backend only.
-            compile_backend: ``torch.compile`` backend (``"inductor"``, or e.g. ``"eager"`` to check graph
-                capture without generating code).
-
-        Returns:
-            ``self``.
-
-        Raises:
-            ValueError: ``compile_mode`` is unknown, or the pipeline's VAE cannot fuse its projections.
-        """
-        check_choice(compile_mode, COMPILE_MODES, "compile_mode")
-        if not isinstance(compile_backend, str) or not compile_backend:
-            raise ValueError(f"compile_backend must be a backend name such as 'inductor', got {compile_backend!r}")
-        pipeline = self.pipeline
-        if sdpa:
-            from diffusers.models.attention_processor import AttnProcessor2_0
-
-            pipeline.unet.set_attn_processor(AttnProcessor2_0())  # type: ignore[no-untyped-call]
-            pipeline.vae.set_attn_processor(AttnProcessor2_0())  # type: ignore[no-untyped-call]
-        if channels_last:
-            pipeline.unet.to(memory_format=torch.channels_last)
-            pipeline.vae.to(memory_format=torch.channels_last)
-        if fuse_qkv_projections:
-            # Fuses the weights and sets diffusers' fused SDPA attention processor.
-            pipeline.fuse_qkv_projections()
-        options: dict[str, Any] = {"backend": compile_backend}
-        if compile_backend == "inductor":
-            options["mode"] = compile_mode
-        if compile:
-            pipeline.unet.compile(**options)
-        if compile_vae:
-            pipeline.vae.decoder.compile(**options)
-        return self
+        speedups = {
+            "sdpa": sdpa,
+            "channels_last": channels_last,
+            "fuse_qkv_projections": fuse_qkv_projections,
+            "compile": compile,
+            "compile_vae": compile_vae,
+            "compile_mode": compile_mode,
+            "compile_backend": compile_backend,
+        }
+        return cls._wrap(pipeline, lora_config, class_names, speedups, kwargs)
 
     def _per_class(self, words: Sequence[str] | None, name: str) -> list[str] | None:
         if words is None:
@@ -427,11 +298,6 @@ class StableDiffusionDecoder:
         if len(values) != len(self._class_names):
             raise ValueError(f"{name} has {len(values)} entries but there are {len(self._class_names)} classes")
         return values
-
-    @property
-    def class_names(self) -> list[str]:
-        """Names of the classes, indexed by label."""
-        return list(self._class_names)
 
     @property
     def embedding_dim(self) -> int:
@@ -446,21 +312,11 @@ class StableDiffusionDecoder:
         settings. The model's folder is left out on purpose: the same weights moved elsewhere give the same
         images.
         """
-        scheduler = self.pipeline.scheduler
         settings: dict[str, Any] = {
-            "decoder": type(self).__name__,
-            "scheduler": type(scheduler).__name__,
-            "scheduler_config": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
-            "dtype": str(self.pipeline.unet.dtype),
+            **self._scheduler_settings(),
             "prompt_template": self.prompt_template,
             "negative_prompt": self.negative_prompt,
-            "num_inference_steps": self.num_inference_steps,
-            "guidance_scale": self.guidance_scale,
-            "height": self.height,
-            "width": self.width,
-            "output_size": None if self.output_size is None else list(self.output_size),
-            "resize_mode": self.resize_mode,
-            **({} if self.lora is None else {"lora": self.lora}),
+            **self._sampling_settings(),
         }
         # Keys of the options below appear only when they are used, so that earlier folders keep their identity.
         if self.prompt_words is not None:
@@ -479,44 +335,11 @@ class StableDiffusionDecoder:
         """Each class's prompt text (the template with the class name written in), indexed by label."""
         return list(self.prompt_tokens.prompts)
 
-    def _check_vectors(self, vectors: Tensor | Any, labels: Tensor | Any) -> tuple[Tensor, Tensor]:
-        table = as_tensor(vectors, "vectors")
-        check_rank(table, 2, "vectors", "(batch, embedding_dim)")
-        check_floating(table, "vectors")
-        check_finite(table, "vectors")
-        if table.shape[1] != self.embedding_dim:
-            raise ValueError(
-                f"vectors have dimension {table.shape[1]} but the text encoder's token embeddings have "
-                f"dimension {self.embedding_dim}"
-            )
-        targets = as_tensor(labels, "labels")
-        check_rank(targets, 1, "labels", "(batch,)")
-        if targets.is_floating_point() or targets.dtype == torch.bool:
-            raise TypeError(f"labels must have an integer dtype, got {targets.dtype}")
-        if targets.shape[0] != table.shape[0]:
-            raise ValueError(f"labels has {targets.shape[0]} entries but vectors has {table.shape[0]} rows")
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= len(self._class_names)):
-            raise ValueError(
-                f"labels must lie in [0, {len(self._class_names) - 1}], got values from {int(targets.min())} "
-                f"to {int(targets.max())}"
-            )
-        return table, targets.long().cpu()
-
-    def _check_seeds(self, seeds: Sequence[int], count: int) -> list[int]:
-        if isinstance(seeds, (int, str)):
-            raise TypeError(f"seeds must be a sequence of ints (one per image), got {type(seeds).__name__}")
-        values = []
-        for index, seed in enumerate(seeds):
-            try:
-                value = operator.index(seed)
-            except TypeError as error:
-                raise TypeError(f"seeds[{index}] must be an int, got {type(seed).__name__} {seed!r}") from error
-            if value < 0 or value >= 2**63:
-                raise ValueError(f"seeds[{index}] must lie in [0, 2**63), got {value}")
-            values.append(value)
-        if len(values) != count:
-            raise ValueError(f"seeds has {len(values)} entries but {count} images are decoded; give one seed per image")
-        return values
+    def _dimension_error(self, width: int) -> str:
+        return (
+            f"vectors have dimension {width} but the text encoder's token embeddings have dimension "
+            f"{self.embedding_dim}"
+        )
 
     def encode(self, vectors: Tensor, labels: Tensor) -> Tensor:
         """Text-encoder conditioning of the class prompts with ``vectors`` injected in the class slots.
@@ -559,19 +382,11 @@ class StableDiffusionDecoder:
         Raises:
             ValueError: A prompt is longer than the text encoder's window.
         """
-        texts = self._check_prompts(prompts)
+        return self._encode_texts(self._check_prompts(prompts))
+
+    def _encode_texts(self, texts: list[str]) -> Tensor:
         ids, mask = tokenize_prompts(self.pipeline.tokenizer, texts)
         return encode_prompt_tokens(self.pipeline.text_encoder, ids, mask)
-
-    @staticmethod
-    def _check_prompts(prompts: Sequence[str]) -> list[str]:
-        if isinstance(prompts, str):
-            raise TypeError(f"prompts must be a sequence of strings, not a single string {prompts!r}")
-        texts = list(prompts)
-        for index, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"prompts[{index}] must be a string, got {type(text).__name__}")
-        return texts
 
     def decode(self, vectors: Tensor, labels: Tensor, seeds: Sequence[int]) -> Tensor:
         """Render one image per vector, injected into its class's prompt (paper Eq. 6).
@@ -591,13 +406,7 @@ class StableDiffusionDecoder:
             TypeError: ``vectors`` is not floating point, ``labels`` not integer, or a seed not an int.
             NonFiniteError: ``vectors`` holds NaN or infinity.
         """
-        table, targets = self._check_vectors(vectors, labels)
-        seed_list = self._check_seeds(seeds, int(table.shape[0]))
-        chunks = [
-            self._render(self._encode_injected(table[part], targets[part]), seed_list[part])
-            for part in self._slices(len(seed_list))
-        ]
-        return self._join(chunks)
+        return self._decode(vectors, labels, seeds)
 
     def decode_prompts(self, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:
         """Render plain text prompts, no injection (e.g. ``decoder.prompts`` per label, or generic prompts).
@@ -613,63 +422,30 @@ class StableDiffusionDecoder:
             ValueError: A prompt exceeds the text encoder's window or the number of seeds differs.
             TypeError: A prompt is not a string or a seed not an int.
         """
-        texts = self._check_prompts(prompts)
-        seed_list = self._check_seeds(seeds, len(texts))
-        chunks = [self._render(self.encode_prompts(texts[part]), seed_list[part]) for part in self._slices(len(texts))]
-        return self._join(chunks)
-
-    def _slices(self, count: int) -> Iterator[slice]:
-        step = self.batch_size or max(count, 1)
-        parts = [slice(start, start + step) for start in range(0, count, step)]
-        return progress(parts, enabled=self.progress and len(parts) > 1, desc="decoding", total=len(parts))
-
-    def _join(self, chunks: list[Tensor]) -> Tensor:
-        if chunks:
-            return torch.cat(chunks)
-        height, width = self.output_size or (self.height, self.width)
-        return torch.empty((0, 3, height, width), device=self.pipeline.device)
+        return self._decode_prompts(prompts, seeds)
 
     def _negative_embeds(self, count: int) -> Tensor:
         ids, mask = tokenize_prompts(self.pipeline.tokenizer, [self.negative_prompt], what="negative_prompt")
         row = encode_prompt_tokens(self.pipeline.text_encoder, ids, mask)
         return row.expand(count, -1, -1)
 
-    def _render(self, prompt_embeds: Tensor, seeds: list[int]) -> Tensor:
+    def _render(self, conditioning: Tensor, seeds: list[int]) -> Tensor:
         """Run the pipeline on ready conditioning, with per-image latents and generators."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        pipeline = self.pipeline
-        count = len(seeds)
-        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-        scale = int(pipeline.vae_scale_factor)
-        shape = (count, int(pipeline.unet.config.in_channels), self.height // scale, self.width // scale)
-        # Same draw as the pipeline's own prepare_latents with these generators.
-        latents = randn_tensor(shape, generator=generators, device=pipeline.device, dtype=prompt_embeds.dtype)
+        prompt_embeds = conditioning
+        generators, latents = self._start(seeds, prompt_embeds.dtype)
         if self.fixed_latent_seed is not None:
             fixed = torch.Generator(device="cpu").manual_seed(self.fixed_latent_seed)
-            one = randn_tensor((1, *shape[1:]), generator=fixed, device=pipeline.device, dtype=prompt_embeds.dtype)
+            shape = latents.shape
+            one = randn_tensor((1, *shape[1:]), generator=fixed, device=self.pipeline.device, dtype=prompt_embeds.dtype)
             latents = one.expand(shape).clone()
         if self.conditioning_noise:
             # Drawn after the latent from each image's own generator: seeded, and independent of the batch.
             noise = torch.stack([torch.randn(prompt_embeds.shape[1:], generator=g) for g in generators])
             prompt_embeds = prompt_embeds + self.conditioning_noise * noise.to(prompt_embeds)
-        negative = self._negative_embeds(count) if self.guidance_scale > 1 else None
-        images: Tensor = pipeline(
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative,
-            latents=latents,
-            generator=generators,
-            num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale,
-            height=self.height,
-            width=self.width,
-            output_type="pt",
-            return_dict=False,
-        )[0]
-        images = images.float()
-        if self.output_size is not None and tuple(images.shape[-2:]) != self.output_size:
-            images = F.interpolate(images, size=self.output_size, mode=self.resize_mode, antialias=True)
-        return images.clamp(0.0, 1.0)
+        negative = self._negative_embeds(len(seeds)) if self.guidance_scale > 1 else None
+        return self._finish(latents, generators, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative)
 
     def __repr__(self) -> str:
         return (
