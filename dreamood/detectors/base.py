@@ -98,6 +98,24 @@ class Detector(ABC):
     def _compute_device(self, batch: Tensor) -> torch.device:
         return batch.device if self.device is None else resolve_device(self.device)
 
+    def _checked(
+        self, x: Tensor, name: str, columns: int | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Check a batch with :func:`check_batch` (and that it has ``columns`` columns).
+
+        Returns:
+            ``(batch, moved)``: the checked batch (what :func:`finish_scores` takes as ``like``) and the same
+            on the compute device in ``dtype`` (``None``: its own dtype).
+        """
+        x = check_batch(x, name)
+        if columns is not None:
+            check_feature_dim(x, columns, name)
+        return x, x.to(self._compute_device(x), dtype)
+
+    def _device_for(self, x: Tensor, model: object) -> torch.device:
+        """The configured device, else the device of ``model``'s first parameter or buffer, else ``x``'s."""
+        return self._compute_device(x) if self.device is not None else module_device(model, x)
+
 
 class LinearHeadDetector(Detector):
     """A feature detector that recomputes logits from features with a copy of the classifier's last layer.
@@ -129,9 +147,12 @@ class LinearHeadDetector(Detector):
         return self._bias
 
     def _features64(self, features: Tensor) -> Tensor:
-        features = check_batch(features, "features")
-        check_feature_dim(features, self._weight.shape[1])
-        return features.to(self._compute_device(features), torch.float64)
+        return self._checked(features, "features", self._weight.shape[1], torch.float64)[1]
+
+    def _logits(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
+        """The logits ``x W^T + b`` on ``x``'s device; ``weight`` replaces the layer's weight (e.g. a masked one)."""
+        weight = self._weight if weight is None else weight
+        return torch.addmm(self._bias.to(x.device), x, weight.to(x.device).T)
 
 
 def check_batch(x: Tensor, name: str) -> Tensor:
@@ -156,6 +177,36 @@ def check_labels(labels: Tensor | None, n_rows: int, name: str = "labels") -> Te
     if labels.shape[0] != n_rows:
         raise ValueError(f"{name} has {labels.shape[0]} entries but the data has {n_rows} rows")
     return labels.detach().to(torch.int64)
+
+
+def check_neighbors(features: Tensor, k: int) -> None:
+    """Raise ``ValueError`` unless ``features`` has at least ``k`` rows (a bank to search ``k`` neighbours in)."""
+    if features.shape[0] < k:
+        raise ValueError(f"features must have at least k={k} rows, got {features.shape[0]}")
+
+
+def class_means(values: Tensor, index: Tensor, n_classes: int) -> tuple[Tensor, Tensor]:
+    """Float64 means of the rows of ``values`` grouped by ``index`` in ``[0, n_classes)``, and the group sizes.
+
+    Args:
+        values: Rows to average ``(N, D)``, float64.
+        index: The group of every row ``(N,)``, int64, on the device of ``values``.
+        n_classes: Number of groups.
+
+    Returns:
+        ``(means (n_classes, D), counts (n_classes,))``, float64; the rows of empty groups are NaN.
+    """
+    counts = torch.bincount(index, minlength=n_classes).to(torch.float64)
+    sums = torch.zeros(n_classes, values.shape[1], dtype=torch.float64, device=values.device)
+    sums.index_add_(0, index, values)
+    return sums / counts.unsqueeze(1), counts
+
+
+def check_predicted(has: Tensor, predicted: Tensor, why: str) -> None:
+    """Raise ``ValueError`` naming the predicted classes whose ``has`` entry is false (``why`` says what they lack)."""
+    if not bool(has[predicted].all()):
+        missing = sorted(set(predicted[~has[predicted]].tolist()))
+        raise ValueError(f"samples are predicted as classes {missing}, which {why}")
 
 
 def finish_scores(scores: Tensor, like: Tensor, detector: str) -> Tensor:

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from dreamood._utils import DeviceLike
 from dreamood._validation import check_choice, check_positive, check_positive_int
-from dreamood.detectors.base import Detector, check_batch, check_feature_dim, check_labels, finish_scores
+from dreamood.detectors.base import Detector, check_labels, check_neighbors, class_means, finish_scores
 from dreamood.knn import Backend, kth_neighbor_distance
 
 if TYPE_CHECKING:
@@ -75,9 +75,7 @@ def class_gaussians(x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         ``(classes (C,), means (C, D), covariance (D, D))``.
     """
     classes, inverse = torch.unique(labels, return_inverse=True)
-    counts = torch.bincount(inverse, minlength=classes.shape[0]).to(torch.float64)
-    means = torch.zeros(classes.shape[0], x.shape[1], dtype=torch.float64, device=x.device)
-    means.index_add_(0, inverse, x).div_(counts.unsqueeze(1))
+    means, _ = class_means(x, inverse, classes.shape[0])
     centered = x - means[inverse]
     return classes, means, centered.T @ centered / x.shape[0]
 
@@ -122,11 +120,8 @@ class Mahalanobis(Detector):
             ValueError: If ``labels`` is missing or its length differs, or the covariance is zero.
             NonFiniteError: If ``features`` contains NaN or infinity.
         """
-        features = check_batch(features, "features")
-        labels = check_labels(labels, features.shape[0])
-        device = self._compute_device(features)
-        x = features.to(device, torch.float64)
-        classes, means, covariance = class_gaussians(x, labels.to(device))
+        _, x = self._checked(features, "features", dtype=torch.float64)
+        classes, means, covariance = class_gaussians(x, check_labels(labels, x.shape[0]).to(x.device))
         precision = symmetric_pinv(covariance)
         self.classes_, self.means_, self.covariance_, self.precision_ = classes, means, covariance, precision
         return self
@@ -147,10 +142,8 @@ class Mahalanobis(Detector):
             NonFiniteError: If ``features`` contains NaN or infinity.
         """
         self._check_fitted("means_", "precision_")
-        features = check_batch(features, "features")
-        check_feature_dim(features, self.means_.shape[1])
-        device = self._compute_device(features)
-        x = features.to(device, torch.float64)
+        features, x = self._checked(features, "features", self.means_.shape[1], torch.float64)
+        device = x.device
         squared = squared_mahalanobis(x, self.means_.to(device), self.precision_.to(device))
         return finish_scores(-squared.amin(dim=1), features, "Mahalanobis")
 
@@ -197,7 +190,7 @@ class RMDS(Mahalanobis):
             NonFiniteError: If ``features`` contains NaN or infinity.
         """
         super().fit(features, labels)
-        x = check_batch(features, "features").to(self._compute_device(features), torch.float64)
+        _, x = self._checked(features, "features", dtype=torch.float64)
         mean = x.mean(dim=0)
         centered = x - mean
         self.background_mean_ = mean
@@ -220,10 +213,8 @@ class RMDS(Mahalanobis):
             NonFiniteError: If ``features`` contains NaN or infinity.
         """
         self._check_fitted("means_", "precision_", "background_precision_")
-        features = check_batch(features, "features")
-        check_feature_dim(features, self.means_.shape[1])
-        device = self._compute_device(features)
-        x = features.to(device, torch.float64)
+        features, x = self._checked(features, "features", self.means_.shape[1], torch.float64)
+        device = x.device
         class_distances = squared_mahalanobis(x, self.means_.to(device), self.precision_.to(device))
         background = squared_mahalanobis(
             x, self.background_mean_.to(device).unsqueeze(0), self.background_precision_.to(device)
@@ -284,10 +275,9 @@ class KNN(Detector):
             ValueError: If ``features`` has fewer than ``k`` rows.
             NonFiniteError: If ``features`` contains NaN or infinity.
         """
-        features = check_batch(features, "features")
-        if features.shape[0] < self.k:
-            raise ValueError(f"features must have at least k={self.k} rows, got {features.shape[0]}")
-        self.bank_ = torch.nn.functional.normalize(features.to(self._compute_device(features)), dim=1)
+        _, x = self._checked(features, "features")
+        check_neighbors(x, self.k)
+        self.bank_ = torch.nn.functional.normalize(x, dim=1)
         return self
 
     def score(self, features: Tensor) -> Tensor:
@@ -306,9 +296,8 @@ class KNN(Detector):
             NonFiniteError: If ``features`` contains NaN or infinity.
         """
         self._check_fitted("bank_")
-        features = check_batch(features, "features")
-        check_feature_dim(features, self.bank_.shape[1])
-        queries = torch.nn.functional.normalize(features.to(self._compute_device(features)), dim=1)
+        features, x = self._checked(features, "features", self.bank_.shape[1])
+        queries = torch.nn.functional.normalize(x, dim=1)
         distances = kth_neighbor_distance(
             queries,
             self.bank_,

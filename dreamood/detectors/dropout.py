@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from dreamood._utils import DeviceLike
 from dreamood._validation import check_choice, check_positive_int
-from dreamood.detectors.base import Detector, check_images, eval_mode, finish_scores, module_device
+from dreamood.detectors.base import Detector, check_images, eval_mode, finish_scores
 
 __all__ = ["MCDropout"]
 
@@ -93,7 +93,7 @@ class MCDropout(Detector):
             Per-pass probabilities on the model's device.
         """
         x = check_images(x)
-        device = self._compute_device(x) if self.device is not None else module_device(self.model, x)
+        device = self._device_for(x, self.model)
         x = x.to(device)
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, enabled=self.seed is not None):

@@ -15,7 +15,14 @@ from torch import Tensor, nn
 
 from dreamood._utils import DeviceLike
 from dreamood._validation import check_choice, check_positive, check_positive_int
-from dreamood.detectors.base import LinearHeadDetector, check_labels, finish_scores
+from dreamood.detectors.base import (
+    LinearHeadDetector,
+    check_labels,
+    check_neighbors,
+    check_predicted,
+    class_means,
+    finish_scores,
+)
 from dreamood.evaluation.scores import energy_score
 
 if TYPE_CHECKING:
@@ -72,15 +79,12 @@ class SHE(LinearHeadDetector):
         """
         x = self._features64(features)
         labels = _class_labels(labels, x, self._weight.shape[0])
-        predicted = torch.addmm(self._bias.to(x.device), x, self._weight.to(x.device).T).argmax(dim=1)
+        predicted = self._logits(x).argmax(dim=1)
         correct = predicted == labels
         if not bool(correct.any()):
             raise ValueError("no fit sample is classified correctly: SHE needs correct samples to store patterns")
-        n_classes = self._weight.shape[0]
-        counts = torch.bincount(labels[correct], minlength=n_classes).to(torch.float64)
-        sums = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, device=x.device)
-        sums.index_add_(0, labels[correct], x[correct])
-        self.patterns_, self.has_pattern_ = sums / counts.unsqueeze(1), counts > 0
+        patterns, counts = class_means(x[correct], labels[correct], self._weight.shape[0])
+        self.patterns_, self.has_pattern_ = patterns, counts > 0
         return self
 
     def score(self, features: Tensor) -> Tensor:
@@ -101,11 +105,8 @@ class SHE(LinearHeadDetector):
         """
         self._check_fitted("patterns_")
         x = self._features64(features)
-        predicted = torch.addmm(self._bias.to(x.device), x, self._weight.to(x.device).T).argmax(dim=1)
-        has = self.has_pattern_.to(x.device)
-        if not bool(has[predicted].all()):
-            missing = sorted(set(predicted[~has[predicted]].tolist()))
-            raise ValueError(f"samples are predicted as classes {missing}, which had no correct fit sample")
+        predicted = self._logits(x).argmax(dim=1)
+        check_predicted(self.has_pattern_.to(x.device), predicted, "had no correct fit sample")
         return finish_scores((x * self.patterns_.to(x.device)[predicted]).sum(dim=1), features, "SHE")
 
 
@@ -153,7 +154,7 @@ class NNGuide(LinearHeadDetector):
         return {"k": self.k, **super()._params()}
 
     def _energy(self, x: Tensor) -> Tensor:
-        return energy_score(torch.addmm(self._bias.to(x.device), x, self._weight.to(x.device).T))
+        return energy_score(self._logits(x))
 
     def fit(self, features: Tensor, labels: Tensor | None = None) -> Self:
         """Build the confidence-scaled bank from in-distribution features.
@@ -171,8 +172,7 @@ class NNGuide(LinearHeadDetector):
             NonFiniteError: If ``features`` contains NaN or infinity.
         """
         x = self._features64(features)
-        if x.shape[0] < self.k:
-            raise ValueError(f"features must have at least k={self.k} rows, got {x.shape[0]}")
+        check_neighbors(x, self.k)
         self.bank_ = nn.functional.normalize(x, dim=1) * self._energy(x).unsqueeze(1)
         return self
 
@@ -291,7 +291,7 @@ class FDBD(LinearHeadDetector):
         if self.normalizer == "mean":
             self._check_fitted("mean_")
         x = self._features64(features)
-        logits = torch.addmm(self._bias.to(x.device), x, self._weight.to(x.device).T)
+        logits = self._logits(x)
         top, predicted = logits.max(dim=1)
         distances = (top.unsqueeze(1) - logits).abs() / self._boundary_norms.to(x.device)[predicted]
         centre = x - self.mean_.to(x.device) if self.normalizer == "mean" else x
@@ -353,7 +353,7 @@ class GradNorm(LinearHeadDetector):
             NonFiniteError: If ``features`` contains NaN or infinity.
         """
         x = self._features64(features)
-        logits = torch.addmm(self._bias.to(x.device), x, self._weight.to(x.device).T)
+        logits = self._logits(x)
         p = torch.softmax(logits / self.temperature, dim=1)
         probability_norm = (p - 1.0 / p.shape[1]).abs().sum(dim=1)
         scores = probability_norm * x.abs().sum(dim=1) / self.temperature

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from dreamood._utils import DeviceLike
 from dreamood._validation import as_tensor, check_positive, check_positive_int
-from dreamood.detectors.base import Detector, check_images, check_labels, eval_mode, finish_scores, module_device
+from dreamood.detectors.base import Detector, check_images, check_labels, eval_mode, finish_scores
 from dreamood.detectors.distance import squared_mahalanobis, symmetric_pinv
 from dreamood.detectors.odin import channel_std, scale_by_std
 
@@ -183,7 +183,7 @@ class MultiLayerMahalanobis(Detector):
             for images, labels in _batches(loader):
                 images = check_images(images, "images")
                 labels = check_labels(labels, images.shape[0])
-                device = self._model_device(images)
+                device = self._device_for(images, self.model)
                 features = self._layer_features(images.to(device))
                 for index, feature in enumerate(features):
                     f = feature.to(torch.float64)
@@ -213,9 +213,6 @@ class MultiLayerMahalanobis(Detector):
             self.precisions_.append(symmetric_pinv((within + within.T) / (2 * n)))
         return self
 
-    def _model_device(self, x: Tensor) -> torch.device:
-        return self._compute_device(x) if self.device is not None else module_device(self.model, x)
-
     def _confidence(self, feature: Tensor, index: int) -> Tensor:
         means, precision = self.means_[index].to(feature.device), self.precisions_[index].to(feature.device)
         return -squared_mahalanobis(feature.to(torch.float64), means, precision).amin(dim=1)
@@ -234,7 +231,7 @@ class MultiLayerMahalanobis(Detector):
         """
         self._check_fitted("precisions_")
         x = check_images(x)
-        x = x.to(self._model_device(x))
+        x = x.to(self._device_for(x, self.model))
         columns = []
         with eval_mode(self.model):
             for index in range(len(self.layers)):
@@ -365,7 +362,7 @@ class Gram(Detector):
 
     def _forward(self, x: Tensor) -> tuple[Tensor, list[Tensor], int]:
         """Predicted classes, the Gram values of every layer, and the number of classes."""
-        device = self._compute_device(x) if self.device is not None else module_device(self.model, x)
+        device = self._device_for(x, self.model)
         with torch.no_grad(), eval_mode(self.model), capture_outputs(self.layers) as outputs:
             logits = self.model(x.to(device))
             values = [gram_features(output, self.powers) for output in outputs]

@@ -7,6 +7,7 @@ temperature from held-out ID logits and labels, KL-Matching its class templates 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
@@ -14,13 +15,31 @@ from torch import Tensor
 
 from dreamood._utils import DeviceLike
 from dreamood._validation import check_choice, check_positive, check_positive_int
-from dreamood.detectors.base import Detector, check_batch, check_feature_dim, check_labels, finish_scores
+from dreamood.detectors.base import (
+    Detector,
+    check_labels,
+    check_predicted,
+    class_means,
+    finish_scores,
+)
 from dreamood.evaluation.scores import energy_score, max_logit_score, msp_score
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 __all__ = ["GEN", "MSP", "Energy", "Entropy", "KLMatching", "MaxLogit", "TemperatureScaling"]
+
+
+def _score_logits(
+    detector: Detector,
+    logits: Tensor,
+    compute: Callable[[Tensor], Tensor],
+    name: str,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Check ``logits``, apply ``compute`` to them on the detector's device (in ``dtype``) and finish the scores."""
+    logits, z = detector._checked(logits, "logits", dtype=dtype)
+    return finish_scores(compute(z), logits, name)
 
 
 class MSP(Detector):
@@ -53,8 +72,7 @@ class MSP(Detector):
             ValueError: If ``logits`` is not 2-D.
             NonFiniteError: If ``logits`` contains NaN or infinity.
         """
-        logits = check_batch(logits, "logits")
-        return finish_scores(msp_score(logits.to(self._compute_device(logits))), logits, "MSP")
+        return _score_logits(self, logits, msp_score, "MSP")
 
 
 class MaxLogit(Detector):
@@ -87,8 +105,7 @@ class MaxLogit(Detector):
             ValueError: If ``logits`` is not 2-D.
             NonFiniteError: If ``logits`` contains NaN or infinity.
         """
-        logits = check_batch(logits, "logits")
-        return finish_scores(max_logit_score(logits.to(self._compute_device(logits))), logits, "MaxLogit")
+        return _score_logits(self, logits, max_logit_score, "MaxLogit")
 
 
 class Energy(Detector):
@@ -130,9 +147,7 @@ class Energy(Detector):
             ValueError: If ``logits`` is not 2-D or ``temperature`` is not a finite number > 0.
             NonFiniteError: If ``logits`` contains NaN or infinity.
         """
-        logits = check_batch(logits, "logits")
-        scores = energy_score(logits.to(self._compute_device(logits)), self.temperature)
-        return finish_scores(scores, logits, "Energy")
+        return _score_logits(self, logits, lambda z: energy_score(z, self.temperature), "Energy")
 
 
 class Entropy(Detector):
@@ -166,9 +181,12 @@ class Entropy(Detector):
             ValueError: If ``logits`` is not 2-D.
             NonFiniteError: If ``logits`` contains NaN or infinity.
         """
-        logits = check_batch(logits, "logits")
-        log_p = torch.log_softmax(logits.to(self._compute_device(logits), torch.float64), dim=1)
-        return finish_scores((log_p.exp() * log_p).sum(dim=1), logits, "Entropy")
+
+        def negative_entropy(z: Tensor) -> Tensor:
+            log_p = torch.log_softmax(z, dim=1)
+            return (log_p.exp() * log_p).sum(dim=1)
+
+        return _score_logits(self, logits, negative_entropy, "Entropy", torch.float64)
 
 
 class GEN(Detector):
@@ -215,11 +233,13 @@ class GEN(Detector):
             ValueError: If ``logits`` is not 2-D.
             NonFiniteError: If ``logits`` contains NaN or infinity.
         """
-        logits = check_batch(logits, "logits")
-        p = torch.softmax(logits.to(self._compute_device(logits), torch.float64), dim=1)
-        top = p.topk(min(self.m, p.shape[1]), dim=1).values
-        scores = -(top.pow(self.gamma) * (1.0 - top).pow(self.gamma)).sum(dim=1)
-        return finish_scores(scores, logits, "GEN")
+
+        def generalized_entropy(z: Tensor) -> Tensor:
+            p = torch.softmax(z, dim=1)
+            top = p.topk(min(self.m, p.shape[1]), dim=1).values
+            return -(top.pow(self.gamma) * (1.0 - top).pow(self.gamma)).sum(dim=1)
+
+        return _score_logits(self, logits, generalized_entropy, "GEN", torch.float64)
 
 
 class TemperatureScaling(Detector):
@@ -275,10 +295,8 @@ class TemperatureScaling(Detector):
         if self.temperature is not None:
             self.temperature_ = float(self.temperature)
             return self
-        logits = check_batch(logits, "logits")
-        labels = check_labels(labels, logits.shape[0])
-        z = logits.to(self._compute_device(logits), torch.float64)
-        labels = labels.to(z.device)
+        _, z = self._checked(logits, "logits", dtype=torch.float64)
+        labels = check_labels(labels, z.shape[0]).to(z.device)
         if int(labels.min()) < 0 or int(labels.max()) >= z.shape[1]:
             raise ValueError(
                 f"labels must lie in [0, {z.shape[1] - 1}], got values in [{int(labels.min())}, {int(labels.max())}]"
@@ -320,9 +338,7 @@ class TemperatureScaling(Detector):
             NonFiniteError: If ``logits`` contains NaN or infinity.
         """
         self._check_fitted("temperature_")
-        logits = check_batch(logits, "logits")
-        scores = msp_score(logits.to(self._compute_device(logits)), self.temperature_)
-        return finish_scores(scores, logits, "TemperatureScaling")
+        return _score_logits(self, logits, lambda z: msp_score(z, self.temperature_), "TemperatureScaling")
 
 
 KLTemplate = Literal["nearest", "predicted"]
@@ -375,13 +391,10 @@ class KLMatching(Detector):
             ValueError: If ``logits`` is not 2-D.
             NonFiniteError: If ``logits`` contains NaN or infinity.
         """
-        logits = check_batch(logits, "logits")
-        p = torch.softmax(logits.to(self._compute_device(logits), torch.float64), dim=1)
+        _, z = self._checked(logits, "logits", dtype=torch.float64)
+        p = torch.softmax(z, dim=1)
         predicted = p.argmax(dim=1)
-        n_classes = p.shape[1]
-        counts = torch.bincount(predicted, minlength=n_classes).to(torch.float64)
-        sums = torch.zeros(n_classes, n_classes, dtype=torch.float64, device=p.device).index_add_(0, predicted, p)
-        templates = sums / counts.unsqueeze(1)  # NaN rows for classes never predicted
+        templates, counts = class_means(p, predicted, p.shape[1])  # NaN rows for classes never predicted
         self.templates_, self.has_template_ = templates, counts > 0
         return self
 
@@ -402,9 +415,8 @@ class KLMatching(Detector):
             NonFiniteError: If ``logits`` contains NaN or infinity.
         """
         self._check_fitted("templates_")
-        logits = check_batch(logits, "logits")
-        check_feature_dim(logits, self.templates_.shape[0], "logits")
-        log_p = torch.log_softmax(logits.to(self._compute_device(logits), torch.float64), dim=1)
+        logits, z = self._checked(logits, "logits", self.templates_.shape[0], torch.float64)
+        log_p = torch.log_softmax(z, dim=1)
         has = self.has_template_.to(log_p.device)
         log_d = self.templates_.to(log_p.device)[has].clamp_min(torch.finfo(torch.float64).tiny).log()
         # KL(p || d_k) = sum_c p_c log p_c - sum_c p_c log d_kc, for every template k at once.
@@ -413,8 +425,6 @@ class KLMatching(Detector):
         if self.template == "nearest":
             return finish_scores(-divergences.amin(dim=1), logits, "KLMatching")
         predicted = log_p.argmax(dim=1)
-        if not bool(has[predicted].all()):
-            missing = sorted(set(predicted[~has[predicted]].tolist()))
-            raise ValueError(f"samples are predicted as classes {missing}, which had no fit sample (no template)")
+        check_predicted(has, predicted, "had no fit sample (no template)")
         column = torch.cumsum(has.to(torch.int64), 0)[predicted] - 1  # the template's row among those kept
         return finish_scores(-divergences.gather(1, column.unsqueeze(1)).squeeze(1), logits, "KLMatching")

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from dreamood._utils import DeviceLike
 from dreamood._validation import check_choice, check_positive_int
-from dreamood.detectors.base import Detector, check_batch, check_feature_dim, check_labels, finish_scores
+from dreamood.detectors.base import Detector, check_labels, finish_scores
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -132,8 +132,7 @@ class OpenMax(Detector):
                 correctly classified samples.
             NonFiniteError: If ``logits`` contains NaN or infinity.
         """
-        logits = check_batch(logits, "logits")
-        v = logits.to(self._compute_device(logits), torch.float64)
+        _, v = self._checked(logits, "logits", dtype=torch.float64)
         labels = check_labels(labels, v.shape[0]).to(v.device)
         n_classes = v.shape[1]
         if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
@@ -172,9 +171,7 @@ class OpenMax(Detector):
             ValueError: If ``logits`` does not have ``C`` columns.
         """
         self._check_fitted("means_")
-        logits = check_batch(logits, "logits")
-        check_feature_dim(logits, self.means_.shape[0], "logits")
-        v = logits.to(self._compute_device(logits), torch.float64)
+        _, v = self._checked(logits, "logits", self.means_.shape[0], torch.float64)
         means, shapes, scales = (t.to(v.device) for t in (self.means_, self.shapes_, self.scales_))
         alpha = min(self.alpha, v.shape[1])
         ranks = v.argsort(dim=1, descending=True)[:, :alpha]

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from dreamood._utils import DeviceLike
 from dreamood._validation import check_positive
-from dreamood.detectors.base import Detector, check_images, eval_mode, finish_scores, module_device
+from dreamood.detectors.base import Detector, check_images, eval_mode, finish_scores
 from dreamood.evaluation.scores import energy_score
 
 __all__ = ["RankFeat"]
@@ -102,7 +102,7 @@ class RankFeat(Detector):
             NonFiniteError: If ``x`` or the scores contain NaN or infinity.
         """
         x = check_images(x)
-        device = self._compute_device(x) if self.device is not None else module_device(self.feature_map, x)
+        device = self._device_for(x, self.feature_map)
         with torch.no_grad(), eval_mode(self.feature_map, self.head):
             logits = self.head(self.remove_rank_one(self.feature_map(x.to(device))))
         if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from dreamood._utils import DeviceLike
 from dreamood._validation import check_choice
-from dreamood.detectors.base import LinearHeadDetector, check_batch, check_feature_dim, finish_scores, percentile_of
+from dreamood.detectors.base import LinearHeadDetector, finish_scores, percentile_of
 from dreamood.evaluation.scores import energy_score
 
 if TYPE_CHECKING:
@@ -88,9 +88,8 @@ class ReAct(LinearHeadDetector):
             ValueError: If ``features`` does not have ``D`` columns.
             NonFiniteError: If ``features`` contains NaN or infinity.
         """
-        features = check_batch(features, "features")
-        check_feature_dim(features, self._weight.shape[1])
-        self.threshold_ = percentile_of(features.to(self._compute_device(features)), self.percentile)
+        _, x = self._checked(features, "features", self._weight.shape[1])
+        self.threshold_ = percentile_of(x, self.percentile)
         return self
 
     def score(self, features: Tensor) -> Tensor:
@@ -111,8 +110,7 @@ class ReAct(LinearHeadDetector):
         """
         self._check_fitted("threshold_")
         x = self._features64(features)
-        weight, bias = self._weight.to(x.device), self._bias.to(x.device)
-        logits = torch.addmm(bias, x.clamp(max=self.threshold_), weight.T)
+        logits = self._logits(x.clamp(max=self.threshold_))
         return finish_scores(energy_score(logits), features, "ReAct")
 
 
@@ -212,8 +210,7 @@ class DICE(LinearHeadDetector):
         """
         self._check_fitted("mask_")
         x = self._features64(features)
-        weight = self._weight.to(x.device) * self.mask_.to(x.device)
-        logits = torch.addmm(self._bias.to(x.device), x, weight.T)
+        logits = self._logits(x, self._weight.to(x.device) * self.mask_.to(x.device))
         return finish_scores(energy_score(logits), features, "DICE")
 
 
@@ -236,6 +233,14 @@ def kept_activations(dim: int, percentile: float) -> int:
         The number ``k`` of activations kept.
     """
     return dim - round(dim * percentile / 100.0)
+
+
+def _kept_count(x: Tensor, percentile: float) -> int:
+    """How many activations of each row of ``x`` ASH and SCALE keep; raise if ``percentile`` keeps none."""
+    k = kept_activations(x.shape[1], _check_prune_percentile(percentile))
+    if k < 1:
+        raise ValueError(f"percentile={percentile} prunes all {x.shape[1]} activations; lower it")
+    return k
 
 
 def _top_k_only(x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -310,9 +315,7 @@ class ASH(LinearHeadDetector):
             ValueError: If ``features`` does not have ``D`` columns, or no activation would be kept.
         """
         x = self._features64(features)
-        k = kept_activations(x.shape[1], _check_prune_percentile(self.percentile))
-        if k < 1:
-            raise ValueError(f"percentile={self.percentile} prunes all {x.shape[1]} activations; lower it")
+        k = _kept_count(x, self.percentile)
         pruned, values, indices = _top_k_only(x, k)
         if self.variant == "p":
             return pruned
@@ -336,7 +339,7 @@ class ASH(LinearHeadDetector):
             NonFiniteError: If ``features`` contains NaN or infinity, or the rescaling overflows.
         """
         shaped = self.shape(features)
-        logits = torch.addmm(self._bias.to(shaped.device), shaped, self._weight.to(shaped.device).T)
+        logits = self._logits(shaped)
         return finish_scores(energy_score(logits), features, f"ASH-{self.variant.upper()}")
 
 
@@ -393,10 +396,8 @@ class SCALE(LinearHeadDetector):
             NonFiniteError: If ``features`` contains NaN or infinity, or the rescaling overflows.
         """
         x = self._features64(features)
-        k = kept_activations(x.shape[1], _check_prune_percentile(self.percentile))
-        if k < 1:
-            raise ValueError(f"percentile={self.percentile} prunes all {x.shape[1]} activations; lower it")
+        k = _kept_count(x, self.percentile)
         top = x.topk(k, dim=1).values.sum(dim=1, keepdim=True)
         scaled = x * torch.exp(x.sum(dim=1, keepdim=True) / top)
-        logits = torch.addmm(self._bias.to(x.device), scaled, self._weight.to(x.device).T)
+        logits = self._logits(scaled)
         return finish_scores(energy_score(logits), features, "SCALE")

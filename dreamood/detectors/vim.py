@@ -124,7 +124,7 @@ class ViM(LinearHeadDetector):
             raise ValueError(
                 f"the fit features have no component outside their top {dim} principal directions: use a smaller dim"
             )
-        mean_max_logit = float(torch.addmm(bias, x, weight.T).amax(dim=1).mean())
+        mean_max_logit = float(self._logits(x).amax(dim=1).mean())
         self.dim_, self.origin_, self.residual_space_ = dim, origin, residual_space
         self.alpha_ = mean_max_logit / mean_residual
         return self
@@ -146,7 +146,6 @@ class ViM(LinearHeadDetector):
         """
         self._check_fitted("residual_space_")
         x = self._features64(features)
-        weight, bias = self._weight.to(x.device), self._bias.to(x.device)
         residual = (x - self.origin_.to(x.device)) @ self.residual_space_.to(x.device)
         virtual_logit = self.alpha_ * torch.linalg.vector_norm(residual, dim=1)
-        return finish_scores(energy_score(torch.addmm(bias, x, weight.T)) - virtual_logit, features, "ViM")
+        return finish_scores(energy_score(self._logits(x)) - virtual_logit, features, "ViM")

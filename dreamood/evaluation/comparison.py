@@ -9,11 +9,10 @@ detector the call knows and what it needs; :class:`ModelParts` holds the parts o
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -505,14 +504,6 @@ def _forward(parts: ModelParts, loader: Iterable[Any], device: torch.device, des
     )
 
 
-@contextlib.contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
-    from dreamood.evaluation.evaluator import _eval_mode as eval_mode
-
-    with eval_mode(model):
-        yield
-
-
 def evaluate_detectors(
     model: nn.Module | Callable[[Tensor], Tensor],
     id_loader: Iterable[Any],
@@ -579,6 +570,7 @@ def evaluate_detectors(
         ValueError: ``detectors`` names an unknown detector, one whose needs are not met, or one twice;
             ``options`` names a detector not evaluated; a loader is empty; a detector's fit fails.
     """
+    from dreamood.detectors.base import eval_mode
     from dreamood.evaluation.evaluator import OODEvaluator, _check_names, _module_device
 
     _check_names(ood_loaders, "ood_loaders")
@@ -610,7 +602,7 @@ def evaluate_detectors(
 
     shared = [DETECTORS[name] for name in names if DETECTORS[name].inputs != "images"]
     need_fit_outputs = any("fit" in spec.needs for spec in shared)
-    with torch.no_grad(), _eval_mode(parts.model):
+    with torch.no_grad(), eval_mode(parts.model):
         fit = None
         if fit_loader is not None and need_fit_outputs:
             fit = _forward(parts, fit_loader, target, "fit data", progress_bar)
@@ -635,12 +627,12 @@ def evaluate_detectors(
                 fit_images = getattr(detector, "fit_loader", None)
                 if not callable(fit_images):
                     raise TypeError(f"{name} consumes images and must have a fit_loader method")
-                with _eval_mode(parts.model):
+                with eval_mode(parts.model):
                     fit_images(fit_loader)
                     normalizer = getattr(detector, "fit_normalizer", None)
                     if validation_loader is not None and callable(normalizer):
                         normalizer(validation_loader)
-            with _eval_mode(parts.model):
+            with eval_mode(parts.model):
                 report = OODEvaluator(detector, accuracy=False, **settings).evaluate(id_loader, ood_loaders)
         else:
             key = "logits" if spec.inputs == "logits" else "features"

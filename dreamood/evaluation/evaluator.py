@@ -8,8 +8,7 @@ fitted detector). Without a model the scorer receives the loader's batches direc
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 
 from dreamood._utils import DeviceLike, make_generator, progress, resolve_device
 from dreamood._validation import as_tensor, check_choice, check_positive_int
+from dreamood.detectors.base import eval_mode
 from dreamood.evaluation.metrics import (
     METRIC_NAMES,
     OPTIONAL_METRIC_NAMES,
@@ -241,7 +241,7 @@ class OODEvaluator:
             TypeError: A batch is neither a tensor nor a tuple starting with one.
             ValueError: The loader is empty or the scorer does not return one score per sample.
         """
-        with torch.no_grad(), _eval_mode(self.model, self.scorer):
+        with torch.no_grad(), eval_mode(self.model, self.scorer):
             scores, _ = self._run(loader, desc, with_accuracy=False)
         return scores
 
@@ -266,7 +266,7 @@ class OODEvaluator:
         """
         _check_names(ood_loaders, "ood_loaders")
         with_accuracy = self.accuracy and self.model is not None
-        with torch.no_grad(), _eval_mode(self.model, self.scorer):
+        with torch.no_grad(), eval_mode(self.model, self.scorer):
             id_scores, counts = self._run(id_loader, "scoring ID", with_accuracy)
             ood_scores = {name: self._run(loader, f"scoring {name}", False)[0] for name, loader in ood_loaders.items()}
         id_accuracy = None if counts is None or counts[1] == 0 else counts[0] / counts[1]
@@ -379,17 +379,3 @@ def _check_names(mapping: Any, name: str) -> None:
     for key in mapping:
         if not isinstance(key, str) or not key.strip():
             raise ValueError(f"{name} keys must be non-empty strings naming the OOD sets, got {key!r}")
-
-
-@contextlib.contextmanager
-def _eval_mode(*objects: Any) -> Iterator[None]:
-    """Put the given modules in ``eval()`` mode inside the block and restore every submodule's flag after it."""
-    modules = [obj for obj in objects if isinstance(obj, nn.Module)]
-    flags = [(sub, sub.training) for module in modules for sub in module.modules()]
-    for module in modules:
-        module.eval()
-    try:
-        yield
-    finally:
-        for sub, training in flags:
-            sub.training = training
