@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
 import dreamood.data
 from dreamood.data import classes
-from tests.conftest import SHARED_DATA
+
+# The authors' published data, beside the checkout (skipped where absent).
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # sha256 of "\n".join(list) of the lists as they were written as Python literals before they became data files.
 _DIGESTS = {

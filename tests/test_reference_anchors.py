@@ -19,7 +19,9 @@ from torch import nn
 
 from dreamood import TokenEmbeddings
 from dreamood.data import CIFAR100_CLASSES, IMAGENET100_CLASSES, reference_words
-from tests.conftest import SHARED_DATA
+
+# The authors' published data, beside the checkout (skipped where absent).
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 DATASETS = ("cifar100", "imagenet100")
 NAMES = {"cifar100": CIFAR100_CLASSES, "imagenet100": IMAGENET100_CLASSES}
