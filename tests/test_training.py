@@ -493,7 +493,12 @@ def test_non_finite_loss_stops_with_epoch_and_step() -> None:
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())  # checked every step: not applied
 
 
-def test_progress_bar_shows_loss_and_accuracy(capsys: pytest.CaptureFixture[str]) -> None:
+def test_progress_bar_shows_loss_and_accuracy(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: tqdm draws (into a file it draws nothing)
     x, y = torch.randn(8, 2), torch.randint(0, 3, (8,))
     train_classifier(
         _mlp(), DataLoader(TensorDataset(x, y), batch_size=4), TrainingConfig(epochs=1), device="cpu", progress=True
