@@ -72,13 +72,17 @@ def _data_problems(pipe: Pipeline) -> list[str]:
     return problems
 
 
-def _model_problem(model: str, local_files_only: bool, key: str) -> str | None:
+# The parts of a model folder that the anchors and the generation read.
+_ANCHOR_PARTS = ("tokenizer", "text_encoder")
+_GENERATION_PARTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+
+
+def _model_problem(model: str, local_files_only: bool, key: str, parts: tuple[str, ...]) -> str | None:
     from dreamood.errors import ModelNotFoundError
     from dreamood.pretrained import resolve_pretrained
 
-    parts = ("tokenizer", "text_encoder", "unet", "vae", "scheduler") if key == "generation.model" else ()
     try:
-        resolve_pretrained(model, parts or ("tokenizer", "text_encoder"), local_files_only=local_files_only)
+        resolve_pretrained(model, parts, local_files_only=local_files_only)
     except ModelNotFoundError as error:
         return f"{key}: {error}"
     return None
@@ -104,12 +108,14 @@ def check_requirements(pipe: Pipeline) -> list[str]:
     if running & _DATA_STAGES and not pipe.has_given_data:
         problems += _data_problems(pipe)
     if "anchors" in running and "anchor_source" not in pipe.given_components:
-        problem = _model_problem(config.anchors.model, config.anchors.local_files_only, "anchors.model")
+        problem = _model_problem(config.anchors.model, config.anchors.local_files_only, "anchors.model", _ANCHOR_PARTS)
         problems += [problem] if problem else []
     if "images" in running:
         generation = config.generation
         if "decoder_factory" not in pipe.given_components:
-            problem = _model_problem(generation.model, generation.local_files_only, "generation.model")
+            problem = _model_problem(
+                generation.model, generation.local_files_only, "generation.model", _GENERATION_PARTS
+            )
             problems += [problem] if problem else []
         side = generation.save_size or max(generation.height, generation.width)
         count = len(pipe.class_names) * generation.images_per_class

@@ -180,6 +180,7 @@ class Pipeline:
         self._baseline_runner = BaselineRunner(self, self.baselines)
         self.folder = RunFolder(self.output_dir)
         self._fresh: set[str] = set()  # stages this object started afresh
+        self._fingerprints: dict[str, str] = {}
 
     # ---- components -------------------------------------------------------------------------------------
 
@@ -416,7 +417,7 @@ class Pipeline:
 
     def _settings(self, stage: Stage[Any]) -> dict[str, Any]:
         settings = settings_of(self.config.to_dict(), stage.settings)
-        if "data.class_names" in settings or any(key.startswith("data.") for key in settings):
+        if any(key.startswith("data.") for key in settings):
             settings["class names"] = self.class_names  # the bundled lists count, not only an explicit one
         return settings
 
@@ -431,8 +432,11 @@ class Pipeline:
             depends on changes.
         """
         record = stage_named(stage) if isinstance(stage, str) else stage
-        inputs = {name: self.fingerprint(name) for name in record.inputs}
-        return fingerprint_of(record.name, self._settings(record), self._components(record), inputs)
+        if record.name not in self._fingerprints:  # the configuration and components never change
+            inputs = {name: self.fingerprint(name) for name in record.inputs}
+            settings = self._settings(record)
+            self._fingerprints[record.name] = fingerprint_of(record.name, settings, self._components(record), inputs)
+        return self._fingerprints[record.name]
 
     def settings_fingerprint(self, stage: str | Stage[Any]) -> str:
         """The SHA-256 of ``stage``'s own settings and component, without its inputs.

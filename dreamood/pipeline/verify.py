@@ -144,11 +144,11 @@ def verify_run(folder: str | os.PathLike[str]) -> list[str]:
             problems.append(f"{stage.name}: interrupted, not finished")
         elif status.state == "to do" and pipe.path(stage).exists():
             problems.append(f"{stage.name}: {pipe.path(stage)} exists but {status.reason}")
-    for name in ("anchors.safetensors", "feature_bank.safetensors", "samples.safetensors"):
-        if (root / name).is_file():
-            kind = {"anchors": "TokenEmbeddings", "feature_bank": "FeatureBank", "samples": "EmbeddingSamples"}
+    kinds = {"anchors": "TokenEmbeddings", "feature_bank": "FeatureBank", "samples": "EmbeddingSamples"}
+    for name, kind in kinds.items():
+        if (root / f"{name}.safetensors").is_file():
             try:
-                load_artifact(root / name, kind=kind[name.split(".")[0]])
+                load_artifact(root / f"{name}.safetensors", kind=kind)
             except (ArtifactError, FileNotFoundError) as error:
                 problems.append(str(error))
     if pipe.path(IMAGES).is_dir():
